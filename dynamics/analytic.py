@@ -1,0 +1,262 @@
+"""Population dynamics: gradient descent on the expected loss, computed exactly.
+
+For a component with observed sign ``s``, mean ``μ`` and covariance ``Σ`` of a
+Gaussian (or Gaussian scale-mixture) family, the margin ``h = s Δᵀg`` is
+one-dimensional, and Stein's lemma turns the population gradient into
+one-dimensional expectations (THEORY §2). For any objective ``ℓ(h)``:
+
+    F(Δ) = −2 Σ_c π_c ( s_c μ_c E[ℓ'(h_c)] + E[w ℓ''(h_c)] Σ_c Δ ),
+    h_c | w ~ N(s_c Δᵀμ_c, w ΔᵀΣ_cΔ),
+
+(``w ≡ 1`` for Gaussians; ``w ~ Exp(1)`` for the Laplace family) which for DPO
+is ``2β Σ_c π_c (s_c μ_c E[σ(−z_c)] − β E[w σ(z_c)σ(−z_c)] Σ_c Δ)`` with
+``z = βh``. Expectations use Gauss–Hermite quadrature (``nodes`` points, exact
+to ~1e-12 here) and, for the mixing scale, Gauss–Laguerre.
+
+**Population gradient descent** ``Δ_{k+1} = Δ_k + η F(Δ_k)`` matches a finite-
+sample run with the same step ``η = lr`` step for step; the **continuous flow**
+``dΔ/dt = F(Δ)`` (``continuous=True``) is its ``η → 0`` limit, reported at
+``t = lr·k``.
+
+Two quantities are not functions of one projection: ``rewards/chosen`` and
+``rewards/rejected`` involve the log-partition over the whole vocabulary, and a
+family that is no scale mixture (``uniform``) has no Stein identity. Those use
+scrambled Sobol points (``qmc_points``, seeded), an integration error of about
+1e-4, independent of any training sample.
+
+Cost per step: ``O(C d²)`` for ``C`` components (plus ``O(C·qmc_points·d)``
+for the QMC parts); it does not depend on a sample size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy import integrate, stats
+from scipy.special import roots_hermitenorm
+
+from dynamics.metrics import BEHAVIOR_METRICS, tidy_frame
+from dynamics.model import NO, YES
+from dynamics.objectives import get_objective
+from synthetic.families import get_family
+from synthetic.mixture import Mixture
+from synthetic.validation import check_integer, check_number
+
+__all__ = ["PopulationFlow", "PopulationTrajectory", "population_descent"]
+
+_SQRT2 = np.sqrt(2.0)
+
+
+@dataclass
+class PopulationTrajectory:
+    """Population gradient descent (or flow) and its metrics.
+
+    steps (E,) · deltas (E, d) · per_behavior[metric] (E, K) · weight_change (E,)
+    """
+
+    steps: np.ndarray
+    deltas: np.ndarray
+    per_behavior: dict[str, np.ndarray]
+    weight_change: np.ndarray
+    beta: float
+    lr: float
+    names: tuple[str, ...]
+
+    def frame(self) -> pd.DataFrame:
+        """Tidy table with ``source = "theory"`` and a missing seed."""
+        return tidy_frame(
+            source="theory", steps=self.steps, lr=np.array([self.lr]),
+            beta=np.array([self.beta]), seeds=[None], names=self.names,
+            per_behavior={k: v[:, None, None, :] for k, v in self.per_behavior.items()},
+            weight_change=self.weight_change[:, None, None],
+        )
+
+
+class PopulationFlow:
+    """Expectations over a :class:`Mixture` as functions of ``Δ``.
+
+    ``reference`` is ``W0`` of shape ``(V, d)``; its ``Yes − No`` row difference
+    is ``u0``. All arithmetic is float64.
+    """
+
+    def __init__(self, mixture: Mixture, *, beta: float, reference: np.ndarray,
+                 objective: str = "dpo", nodes: int = 80, scale_nodes: int = 32,
+                 qmc_points: int = 8192, qmc_seed: int = 0):
+        self.mixture = mixture
+        self.beta = check_number("beta", beta, gt=0)
+        self.objective = get_objective(objective)
+        nodes = check_integer("nodes", nodes, ge=2)
+        qmc_points = check_integer("qmc_points", qmc_points, ge=16)
+        t = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float64)  # noqa: E731
+        self.pi, self.s, self.mu, self.cov = (t(mixture.weights), t(mixture.signs),
+                                              t(mixture.means), t(mixture.covs))
+        self.members = t(np.eye(mixture.num_behaviors)[mixture.behavior])  # (C, K)
+        self.pi_k = self.members.T @ self.pi  # (K,)
+        self.w0 = t(reference)
+        self.u0 = self.w0[YES] - self.w0[NO]  # (d,)
+
+        # Gauss–Hermite for the standard normal: E f(x) ≈ Σ ω_j f(x_j).
+        x, w = roots_hermitenorm(nodes)
+        self.gh_x, self.gh_w = t(x), t(w / np.sqrt(2 * np.pi))
+        family = "gaussian" if mixture.family == "empirical" else mixture.family
+        self.family = get_family(family)
+        scales = self.family.scale_nodes(scale_nodes)
+        self.exact = scales is not None
+        if self.exact:
+            self.scale_w, self.scale_p = t(scales[0]), t(scales[1])  # (W,)
+
+        # QMC points z (M, d) of the family, and the reference log-partition
+        # pieces at g_cm = μ_c + L_c z_m: y0 = w0_Yesᵀg, n0 = w0_Noᵀg, rest.
+        unit = stats.qmc.Sobol(mixture.dim + 1, scramble=True, seed=qmc_seed).random(qmc_points)
+        unit = np.clip(unit, 1e-12, 1 - 1e-12)
+        self.z = t(self.family.standard_from_unit(unit))  # (M, d)
+        vals, vecs = torch.linalg.eigh(self.cov)
+        self.root = vecs * vals.clamp_min(0).sqrt()[:, None, :]  # (C, d, d): L Lᵀ = Σ
+        logits0 = torch.stack([self._points(c) @ self.w0.T for c in range(len(self.pi))])
+        self.y0, self.n0 = logits0[..., YES], logits0[..., NO]  # (C, M)
+        others = torch.ones(self.w0.shape[0], dtype=torch.bool)
+        others[[YES, NO]] = False
+        self.rest = (torch.logsumexp(logits0[..., others], dim=-1) if others.any()
+                     else torch.full_like(self.y0, -torch.inf))
+        self.logz0 = torch.logsumexp(torch.stack([self.rest, self.y0, self.n0]), dim=0)
+
+    # ---------------------------------------------------------------- projections
+    def _points(self, c: int) -> torch.Tensor:
+        """QMC points of component ``c``, shape ``(M, d)``."""
+        return self.mu[c] + self.z @ self.root[c].T
+
+    def _project(self, v: torch.Tensor) -> torch.Tensor:
+        """``vᵀg`` at every QMC point of every component, shape ``(C, M)``."""
+        return self.mu @ v[:, None] + (self.z @ (self.root @ v).T).T
+
+    def _gaussian_nodes(self, mean: torch.Tensor, var: torch.Tensor):
+        """Nodes ``mean + √(w·var)·x`` (C, W, J) and their weights (W, J)."""
+        sd = (self.scale_w[None, :] * var[:, None]).clamp_min(0).sqrt()  # (C, W)
+        points = mean[:, None, None] + sd[..., None] * self.gh_x
+        return points, self.scale_p[:, None] * self.gh_w[None, :]
+
+    def _expect(self, fn, mean, var, *, scale_weighted=False):
+        """``E[f(h)]`` (or ``E[w f(h)]``) per component for ``h|w ~ N(mean, w var)``."""
+        points, weights = self._gaussian_nodes(mean, var)
+        if scale_weighted:
+            weights = weights * self.scale_w[:, None]
+        return (fn(points) * weights).sum(dim=(-2, -1))
+
+    # ---------------------------------------------------------------- dynamics
+    def drift(self, delta: torch.Tensor) -> torch.Tensor:
+        """``F(Δ)``: minus twice the population gradient, shape ``(d,)``."""
+        beta, obj = self.beta, self.objective
+        if self.exact:
+            mean = self.s * (self.mu @ delta)
+            var = torch.einsum("d,cde,e->c", delta, self.cov, delta)
+            e1 = self._expect(lambda h: obj.grad(h, beta), mean, var)
+            e2 = self._expect(lambda h: obj.hess(h, beta), mean, var, scale_weighted=True)
+            return -2 * ((self.pi * self.s * e1) @ self.mu
+                         + torch.einsum("c,cde,e->d", self.pi * e2, self.cov, delta))
+        h = self.s[:, None] * self._project(delta)  # (C, M)
+        g1 = obj.grad(h, beta)
+        # mean over points of ℓ'(h) g = μ_c mean ℓ' + L_c (zᵀ ℓ')/M
+        term = self.mu * g1.mean(1, keepdim=True) + torch.einsum(
+            "cde,ce->cd", self.root, g1 @ self.z) / g1.shape[1]
+        return -2 * (self.pi * self.s) @ term
+
+    def metrics(self, delta: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Per-behavior metrics ``(K,)`` and the weight change at ``Δ``."""
+        beta, obj = self.beta, self.objective
+        per_c = {}
+        mean = self.s * (self.mu @ delta)
+        var = torch.einsum("d,cde,e->c", delta, self.cov, delta)
+        policy = self.u0 + delta
+        rank_mean = self.s * (self.mu @ policy)
+        rank_var = torch.einsum("d,cde,e->c", policy, self.cov, policy)
+        proj = self._project(delta)  # (C, M)
+        if self.exact:
+            per_c["loss"] = self._expect(lambda h: obj.loss(h, beta), mean, var)
+            per_c["accuracy"] = self._positive(rank_mean, rank_var)
+            per_c["reward_accuracy"] = self._positive(mean, var)
+        else:
+            h = self.s[:, None] * proj
+            ranking = self.s[:, None] * self._project(policy)
+            per_c["loss"] = obj.loss(h, beta).mean(1)
+            per_c["accuracy"] = _tie_half(ranking).mean(1)
+            per_c["reward_accuracy"] = _tie_half(h).mean(1)
+        shift = torch.logsumexp(torch.stack([self.rest, self.y0 + proj / 2, self.n0 - proj / 2]),
+                                dim=0) - self.logz0  # (C, M): log Z − log Z0
+        half_margin = self.s[:, None] * proj / 2
+        per_c["rewards/chosen"] = beta * (half_margin - shift).mean(1)
+        per_c["rewards/rejected"] = beta * (-half_margin - shift).mean(1)
+        per_c["rewards/margins"] = beta * mean
+        weights = self.members * self.pi[:, None] / self.pi_k  # (C, K): within-behavior shares
+        out = {name: per_c[name] @ weights for name in BEHAVIOR_METRICS}
+        return out, delta.norm() / _SQRT2
+
+    def _positive(self, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+        """``P(X > 0)`` (ties half) for ``X | w ~ N(mean, w·var)``, per component."""
+        sd = (self.scale_w[None, :] * var[:, None]).clamp_min(0).sqrt()  # (C, W)
+        ratio = torch.where(sd > 0, mean[:, None] / sd.clamp_min(1e-300),
+                            torch.sign(mean)[:, None] * torch.inf)
+        ratio = torch.where((sd == 0) & (mean[:, None] == 0), torch.zeros_like(ratio), ratio)
+        return (_normal_cdf(ratio) * self.scale_p).sum(-1)
+
+
+def _normal_cdf(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * torch.erfc(-x / _SQRT2)
+
+
+def _tie_half(x: torch.Tensor) -> torch.Tensor:
+    return (x > 0).double() + 0.5 * (x == 0).double()
+
+
+def population_descent(
+    mixture: Mixture,
+    *,
+    beta: float,
+    lr: float,
+    steps: int,
+    reference: np.ndarray,
+    objective: str = "dpo",
+    delta0: np.ndarray | None = None,
+    continuous: bool = False,
+    eval_every: int = 1,
+    **flow_options,
+) -> PopulationTrajectory:
+    """Population gradient descent with step ``lr`` (or the continuous flow).
+
+    Returns ``Δ`` and the metrics at ``step = 0, eval_every, …, steps`` (the
+    last step always included); ``t = lr·step``. ``delta0`` (default 0: the
+    policy starts at the reference) sets ``Δ`` at step 0.
+    """
+    lr = check_number("lr", lr, gt=0)
+    steps = check_integer("steps", steps, ge=1)
+    eval_every = check_integer("eval_every", eval_every, ge=1)
+    flow = PopulationFlow(mixture, beta=beta, reference=reference, objective=objective,
+                          **flow_options)
+    record = np.unique(np.r_[np.arange(0, steps + 1, eval_every), steps])
+    delta = (torch.zeros(mixture.dim, dtype=torch.float64) if delta0 is None
+             else torch.as_tensor(np.asarray(delta0, dtype=np.float64)))
+    if continuous:
+        sol = integrate.solve_ivp(
+            lambda _, y: flow.drift(torch.from_numpy(y)).numpy(),
+            (0.0, lr * steps), delta.numpy(), t_eval=lr * record, method="DOP853",
+            rtol=1e-10, atol=1e-12,
+        )
+        if not sol.success:
+            raise RuntimeError(f"population flow ODE failed: {sol.message}")
+        deltas = torch.from_numpy(sol.y.T.copy())
+    else:
+        kept, wanted = [], set(record.tolist())
+        for k in range(steps + 1):
+            if k in wanted:
+                kept.append(delta.clone())
+            if k < steps:
+                delta = delta + lr * flow.drift(delta)
+        deltas = torch.stack(kept)
+    rows = [flow.metrics(d) for d in deltas]
+    per_behavior = {name: torch.stack([r[0][name] for r in rows]).numpy()
+                    for name in BEHAVIOR_METRICS}
+    weight_change = torch.stack([r[1] for r in rows]).numpy()
+    return PopulationTrajectory(record, deltas.numpy(), per_behavior, weight_change, beta, lr,
+                                mixture.names)

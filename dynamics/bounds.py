@@ -1,0 +1,239 @@
+"""The three results of Im & Li (2024), in precise versions proved in docs/theory.md.
+
+Everything rests on one exact identity for the DPO drift (docs/theory.md, Lemma 1):
+with ``m = E[s g]`` (the *preference signal*; ``(μ⁺ − μ⁻)/2`` for one balanced
+behavior) and any distribution of ``(g, s)``,
+
+    F(Δ) = 2β E[σ(−β s Δᵀg) s g] = β m − β E[tanh(β Δᵀg / 2) g],
+
+and the second term, which does not depend on the labels, has norm at most
+``(β²λ/2)‖Δ‖`` with ``λ = λ_max(E[g gᵀ])``. Gradient descent with step ``η``
+from ``Δ_0 = 0`` therefore satisfies, with ``a = ηβ²λ/2`` and ``b = ηβ‖m‖``,
+
+    ‖Δ_k‖ ≤ B_k = b((1+a)^k − 1)/a,     ‖Δ_k − kηβ m‖ ≤ r_k = Σ_{j<k} a B_j,
+
+(Theorem 1: the update rate is set by distinguishability). The loss and accuracy
+bounds (Theorems 2 and 3) follow from this tube around the straight line
+``kηβ m``. Every statement holds for *any* probability measure with finite
+second moments: a problem's population (:func:`synthetic.population_mixture`)
+or a training sample (:func:`synthetic.empirical_mixture`), so full-batch
+simulation can be checked against them exactly, run by run. They are for DPO
+started at the reference (``Δ_0 = 0``).
+
+Shapes: ``E`` steps, ``K`` behaviors, ``C`` components, ``d`` dimension.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from synthetic.families import get_family
+from synthetic.mixture import Mixture
+from synthetic.problem import Problem
+from synthetic.validation import ParameterError, check_choice, check_integer, check_number
+
+__all__ = [
+    "Tube",
+    "drift_tube",
+    "weight_change_bound",
+    "loss_envelope",
+    "accuracy_lower_bound",
+    "initial_loss_slope",
+    "first_step",
+    "priority_scores",
+    "certified_order",
+]
+
+
+@dataclass(frozen=True)
+class Tube:
+    """``Δ_k`` lies in the ball of radius ``radius[k]`` around ``steps[k]·ηβ·m``
+    and has norm at most ``norm[k]``. ``steps (E,)``, ``norm``/``radius (E,)``,
+    ``signal`` is ``m`` ``(d,)``; ``t = lr·steps``."""
+
+    steps: np.ndarray
+    t: np.ndarray
+    norm: np.ndarray
+    radius: np.ndarray
+    signal: np.ndarray
+    beta: float
+    lr: float
+
+    def center(self) -> np.ndarray:
+        """``t·β·m``, shape ``(E, d)``."""
+        return self.t[:, None] * self.beta * self.signal[None, :]
+
+
+def _lambda_max(matrix: np.ndarray) -> float:
+    return float(np.linalg.eigvalsh(matrix)[-1])
+
+
+def drift_tube(mixture: Mixture, *, beta: float, lr: float, steps: int,
+               continuous: bool = False) -> Tube:
+    """Theorem 1's tube for steps ``0..steps`` (or for the flow at ``t = lr·k``).
+
+    Discrete: ``B_k = min(b((1+a)^k − 1)/a, 2ηβk·√tr S)`` and
+    ``r_k = min(Σ_{j<k} a B_j, kb + B_k)``; continuous: ``B(t) = (b'/a')(e^{a't} − 1)``
+    with ``a' = β²λ/2``, ``b' = β‖m‖`` and ``r(t) = ∫_0^t a' B``.
+    """
+    beta = check_number("beta", beta, gt=0)
+    lr = check_number("lr", lr, gt=0)
+    steps = check_integer("steps", steps, ge=0)
+    m = mixture.signed_mean()
+    second = mixture.second_moment()
+    lam = _lambda_max(second)
+    k = np.arange(steps + 1, dtype=np.float64)
+    t = lr * k
+    if continuous:
+        a, b = beta**2 * lam / 2, beta * np.linalg.norm(m)
+        growth = np.expm1(a * t) / a if a > 0 else t
+        norm = b * growth
+        radius = b * (growth - t) if a > 0 else np.zeros_like(t)
+        norm = np.minimum(norm, 2 * beta * t * np.sqrt(np.trace(second)))
+        return Tube(k.astype(np.int64), t, norm, np.minimum(radius, b * t + norm), m, beta, lr)
+    a, b = lr * beta**2 * lam / 2, lr * beta * np.linalg.norm(m)
+    geometric = b * np.expm1(k * np.log1p(a)) / a if a > 0 else b * k
+    norm = np.minimum(geometric, 2 * lr * beta * k * np.sqrt(np.trace(second)))
+    radius = np.r_[0.0, np.cumsum(a * norm[:-1])]
+    radius = np.minimum(radius, b * k + norm)
+    return Tube(k.astype(np.int64), t, norm, radius, m, beta, lr)
+
+
+def weight_change_bound(mixture: Mixture, **kwargs) -> np.ndarray:
+    """Upper bound on ``‖W_k − W_0‖_F = ‖Δ_k‖/√2``, shape ``(steps+1,)``."""
+    return drift_tube(mixture, **kwargs).norm / np.sqrt(2)
+
+
+def loss_envelope(mixture: Mixture, **kwargs) -> tuple[np.ndarray, np.ndarray]:
+    """Theorem 2: per-behavior DPO loss ``L_i(Δ_k)`` lies in ``[lower, upper]``.
+
+    With ``m_i = E_i[s g]``, ``S_i = E_i[g gᵀ]``, ``λ_i = λ_max(S_i)``:
+
+        L_i(Δ_k) ∈ log 2 − (t β²/2)⟨m_i, m⟩ + [−(β/2)‖m_i‖ r_k,
+                                               (β/2)‖m_i‖ r_k + (β²λ_i/8) B_k²],
+
+    clipped below at 0. Both ``(E, K)``.
+    """
+    tube = drift_tube(mixture, **kwargs)
+    beta = tube.beta
+    rows_lo, rows_hi = [], []
+    for i in range(mixture.num_behaviors):
+        m_i = mixture.signed_mean(i)
+        lam_i = _lambda_max(mixture.second_moment(i))
+        center = np.log(2) - tube.t * beta**2 / 2 * float(m_i @ tube.signal)
+        slack = beta / 2 * np.linalg.norm(m_i) * tube.radius
+        rows_lo.append(np.maximum(center - slack, 0.0))
+        rows_hi.append(center + slack + beta**2 * lam_i / 8 * tube.norm**2)
+    return np.stack(rows_lo, 1), np.stack(rows_hi, 1)
+
+
+def accuracy_lower_bound(mixture: Mixture, *, reference_direction: np.ndarray | None = None,
+                         kind: str | None = None, **kwargs) -> np.ndarray:
+    """Theorem 3: a lower bound on per-behavior accuracy, shape ``(E, K)``.
+
+    For the classifier ``v_k = u0 + Δ_k`` (ranking accuracy; ``u0`` is
+    ``reference_direction``, default 0 = implicit-reward accuracy) and each
+    component ``c``, the tube gives
+
+        s_c v_kᵀμ_c ≥ M_c = s_c u0ᵀμ_c + t β s_c mᵀμ_c − r_k ‖μ_c‖,
+        v_kᵀΣ_c v_k ≤ V_c = (√(u0ᵀΣ_c u0) + B_k √‖Σ_c‖_op)²,
+
+    so ``P_c(s vᵀg > 0) ≥ M_c²/(M_c² + V_c)`` for ``M_c > 0`` (Cantelli: any
+    distribution, ``kind="cantelli"``) or ``E_w Φ(M_c/√(w V_c))`` for Gaussian
+    scale mixtures (``kind="gaussian"``; the default when the mixture's family
+    is gaussian or laplace). Ties are not counted as correct, so the bound also
+    holds for the tie-counts-half accuracies.
+    """
+    tube = drift_tube(mixture, **kwargs)
+    family = mixture.family
+    default = "gaussian" if family in ("gaussian", "laplace") else "cantelli"
+    kind = check_choice("kind", kind or default, ["gaussian", "cantelli"])
+    if kind == "gaussian" and family not in ("gaussian", "laplace"):
+        raise ParameterError("kind", kind, f"needs a Gaussian scale mixture, not {family!r}")
+    u0 = np.zeros(mixture.dim) if reference_direction is None else np.asarray(
+        reference_direction, dtype=np.float64)
+    per_c = []
+    for c in range(len(mixture.weights)):
+        s, mu, cov = mixture.signs[c], mixture.means[c], mixture.covs[c]
+        margin = (s * (u0 @ mu) + tube.t * tube.beta * s * (tube.signal @ mu)
+                  - tube.radius * np.linalg.norm(mu))
+        spread = (np.sqrt(max(u0 @ cov @ u0, 0.0))
+                  + tube.norm * np.sqrt(max(_lambda_max(cov), 0.0))) ** 2
+        positive = margin > 0
+        if kind == "cantelli":
+            bound = np.where(positive, margin**2 / np.maximum(margin**2 + spread, 1e-300), 0.0)
+        else:
+            scales, probs = get_family(family).scale_nodes()
+            z = margin[:, None] / np.sqrt(np.maximum(scales[None, :] * spread[:, None], 1e-300))
+            bound = np.where(positive, stats.norm.cdf(z) @ probs, 0.0)
+        per_c.append(bound)
+    per_c = np.stack(per_c, 1)  # (E, C)
+    share = np.eye(mixture.num_behaviors)[mixture.behavior] * mixture.weights[:, None]
+    return per_c @ (share / share.sum(0))
+
+
+def initial_loss_slope(mixture: Mixture, *, beta: float) -> np.ndarray:
+    """``dL_i/dt`` at ``t = 0`` for each behavior: ``−(β²/2)⟨m_i, m⟩``, shape ``(K,)``.
+
+    One balanced behavior: ``−(β²/8)‖μ⁺ − μ⁻‖²``; several balanced ones:
+    ``−(β²/8)⟨d_i, b̄⟩`` with ``b̄ = Σ_j w_j d_j``.
+    """
+    beta = check_number("beta", beta, gt=0)
+    m = mixture.signed_mean()
+    return np.array([-(beta**2) / 2 * float(mixture.signed_mean(i) @ m)
+                     for i in range(mixture.num_behaviors)])
+
+
+def first_step(features, signs, *, beta: float, lr: float) -> np.ndarray:
+    """The exact first DPO step from the reference: ``Δ_1 = ηβ m̂ = ηβ mean_j s_j g_j``
+    (``= (ηβ/2)(μ̂⁺ − μ̂⁻)`` for balanced classes). ``features (n, d)`` → ``(d,)``."""
+    beta = check_number("beta", beta, gt=0)
+    lr = check_number("lr", lr, gt=0)
+    x = np.asarray(features.detach().cpu() if hasattr(features, "detach") else features,
+                   dtype=np.float64)
+    s = np.asarray(signs.detach().cpu() if hasattr(signs, "detach") else signs, dtype=np.float64)
+    return lr * beta * (s @ x) / len(s)
+
+
+def priority_scores(problem: Problem) -> pd.DataFrame:
+    """Predicted learning order (THEORY §2): one row per behavior.
+
+    ``score = ⟨d_i, b̄⟩`` with ``b̄ = Σ_j w_j d_j`` (the early loss-decrease rate
+    up to ``β²/8``), ``normalised = ⟨b̄, d_i⟩/‖b̄‖`` (Im & Li's code), and
+    ``rank`` (1 = learned first).
+    """
+    d = problem.directions
+    bbar = problem.weights @ d
+    score = d @ bbar
+    norm = np.linalg.norm(bbar)
+    frame = pd.DataFrame({
+        "behavior": problem.names,
+        "distinguishability": np.linalg.norm(d, axis=1),
+        "score": score,
+        "normalised": score / norm if norm > 0 else np.zeros_like(score),
+    })
+    frame["rank"] = frame["score"].rank(ascending=False, method="min").astype(int)
+    return frame
+
+
+def certified_order(lower: np.ndarray, upper: np.ndarray, names) -> pd.DataFrame:
+    """Pairs ``(ahead, behind)`` and the steps at which Theorem 2 certifies that
+    ``ahead``'s loss is below ``behind``'s (``upper_ahead < lower_behind``).
+
+    ``lower``/``upper`` from :func:`loss_envelope`, ``(E, K)``. Columns: ahead,
+    behind, first_step, last_step, steps (count); pairs never certified omitted.
+    """
+    rows = []
+    for i, ahead in enumerate(names):
+        for j, behind in enumerate(names):
+            if i == j:
+                continue
+            certified = np.flatnonzero(upper[:, i] < lower[:, j])
+            if certified.size:
+                rows.append(dict(ahead=ahead, behind=behind, first_step=int(certified[0]),
+                                 last_step=int(certified[-1]), steps=int(certified.size)))
+    return pd.DataFrame(rows, columns=["ahead", "behind", "first_step", "last_step", "steps"])

@@ -1,0 +1,100 @@
+"""Preference objectives as pure, unreduced functions (the caller reduces).
+
+In the last-layer model every pairwise objective is a function of the policy's
+log-ratio margin
+
+    h = [log π(y_w) − log π_0(y_w)] − [log π(y_l) − log π_0(y_l)]
+
+so each objective is registered with its per-example loss ``ℓ(h)`` and the
+first two derivatives ``ℓ'(h)``, ``ℓ''(h)``: the simulation's gradient uses
+``ℓ'``, and the population flow (Stein's lemma, THEORY §2) uses ``ℓ'`` and
+``ℓ''``. One registry, :data:`OBJECTIVES`, feeds the CLI's choices, the docs and
+the error for an unknown name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from synthetic.validation import check_choice, check_number
+
+__all__ = ["Objective", "OBJECTIVES", "get_objective", "dpo_loss", "dpo_margin_loss"]
+
+
+def dpo_loss(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    *,
+    beta: float,
+) -> torch.Tensor:
+    """DPO loss per example (Rafailov et al. 2023, eq. 7), unreduced.
+
+    .. math::
+        ℓ = −\\log σ\\big(β\\,[(\\log π(y_w) − \\log π_0(y_w)) − (\\log π(y_l) − \\log π_0(y_l))]\\big)
+
+    All four arguments have the same shape ``(B,)`` (or any broadcastable
+    shape); the result has that shape. ``beta > 0``.
+    """
+    check_number("beta", beta, gt=0)
+    h = (chosen_logps - ref_chosen_logps) - (rejected_logps - ref_rejected_logps)
+    return dpo_margin_loss(h, beta=beta)
+
+
+def dpo_margin_loss(h: torch.Tensor, *, beta: float) -> torch.Tensor:
+    """``−log σ(βh)`` of the margin ``h``, any shape.
+
+    Computed as ``softplus(−βh)``: ``−log σ(x) = log(1 + e^{−x})``, which stays
+    finite for large ``|x|`` where ``log(sigmoid(x))`` underflows to ``−inf``.
+    """
+    return F.softplus(-beta * h)
+
+
+def _dpo_grad(h: torch.Tensor, beta) -> torch.Tensor:
+    # dℓ/dh = −β σ(−βh)
+    return -beta * torch.sigmoid(-beta * h)
+
+
+def _dpo_hess(h: torch.Tensor, beta) -> torch.Tensor:
+    # d²ℓ/dh² = β² σ(βh) σ(−βh)
+    z = beta * h
+    return beta**2 * torch.sigmoid(z) * torch.sigmoid(-z)
+
+
+@dataclass(frozen=True)
+class Objective:
+    """A pairwise objective of the margin ``h``; ``beta`` may be a tensor that
+    broadcasts against ``h`` (one value per run in a batch)."""
+
+    name: str
+    loss: Callable[..., torch.Tensor]  # ℓ(h, beta), elementwise
+    grad: Callable[..., torch.Tensor]  # ℓ'(h, beta)
+    hess: Callable[..., torch.Tensor]  # ℓ''(h, beta)
+    formula: str
+    source: str
+
+
+OBJECTIVES: dict[str, Objective] = {
+    o.name: o
+    for o in (
+        Objective(
+            "dpo",
+            lambda h, beta: F.softplus(-beta * h),
+            _dpo_grad,
+            _dpo_hess,
+            "−log σ(βh)",
+            "Rafailov et al. 2023, eq. 7",
+        ),
+    )
+}
+
+
+def get_objective(name: str, *, param: str = "objective") -> Objective:
+    """The registered objective called ``name`` (unknown: ParameterError with the
+    closest registered name)."""
+    return OBJECTIVES[check_choice(param, name, OBJECTIVES)]

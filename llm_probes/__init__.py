@@ -1,0 +1,1 @@
+"""Checks of the dynamics' predictions on real LLM fine-tuning (see issue 4)."""
