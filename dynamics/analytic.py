@@ -183,8 +183,8 @@ class PopulationFlow:
             per_c["loss"] = obj.loss(h, beta).mean(1)
             per_c["accuracy"] = _tie_half(ranking).mean(1)
             per_c["reward_accuracy"] = _tie_half(h).mean(1)
-        shift = torch.logsumexp(torch.stack([self.rest, self.y0 + proj / 2, self.n0 - proj / 2]),
-                                dim=0) - self.logz0  # (C, M): log Z − log Z0
+        shift = torch.logaddexp(torch.logaddexp(self.y0 + proj / 2, self.n0 - proj / 2),
+                                self.rest) - self.logz0  # (C, M): log Z − log Z0
         half_margin = self.s[:, None] * proj / 2
         per_c["rewards/chosen"] = beta * (half_margin - shift).mean(1)
         per_c["rewards/rejected"] = beta * (-half_margin - shift).mean(1)

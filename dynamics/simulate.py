@@ -206,8 +206,8 @@ def _tie_half(x: torch.Tensor) -> torch.Tensor:
 def _sample_metrics(proj, s, rank0, rest, y0, n0, logz0, obj, beta) -> dict[str, torch.Tensor]:
     """Per-sample metrics ``(S, n, P)`` from ``proj = Δᵀg`` ``(S, n, P)``."""
     h = s[..., None] * proj
-    shift = torch.logsumexp(torch.stack(torch.broadcast_tensors(
-        rest[..., None], y0[..., None] + proj / 2, n0[..., None] - proj / 2)), 0) - logz0[..., None]
+    shift = torch.logaddexp(torch.logaddexp(y0[..., None] + proj / 2, n0[..., None] - proj / 2),
+                            rest[..., None]) - logz0[..., None]  # log Z − log Z0
     return {
         "loss": obj.loss(h, beta),
         "accuracy": _tie_half(rank0[..., None] + h),

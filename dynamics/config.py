@@ -1,0 +1,400 @@
+"""Experiment configuration: a TOML schema declared as data, validated once.
+
+Every key is declared in :data:`SCHEMA` with its default, its rule and its
+documentation; the README's config reference, the checks and the "unknown key"
+suggestions all come from it. :func:`load_config` reads a file, applies
+``--set KEY=VALUE`` overrides and returns a fully resolved, validated
+:class:`dict`; :func:`build_problem` turns its ``[problem]`` table into a
+:class:`synthetic.Problem`. Every error is a :class:`ParameterError` whose
+message names the key path (``train.beta``), shows the value and states the
+rule.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import json
+import tomllib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from dynamics.objectives import OBJECTIVES
+from synthetic.families import FAMILIES
+from synthetic.problem import Behavior, Problem, behaviors_with_angles, isotropic
+from synthetic.validation import (
+    ParameterError,
+    check_choice,
+    check_integer,
+    check_number,
+)
+
+__all__ = ["Key", "SCHEMA", "BEHAVIOR_KEYS", "load_config", "parse_config", "apply_override",
+           "build_problem", "dump_config", "config_reference"]
+
+
+@dataclass(frozen=True)
+class Key:
+    """One config key: default (``None`` = optional, no default), check, doc."""
+
+    default: object
+    check: Callable[[str, object], object]
+    doc: str
+    required: bool = False
+
+
+def _num(**bounds):
+    return lambda name, v: check_number(name, v, **bounds)
+
+
+def _int(**bounds):
+    return lambda name, v: check_integer(name, v, **bounds)
+
+
+def _choice(choices):
+    return lambda name, v: check_choice(name, v, choices)
+
+
+def _bool(name, v):
+    if not isinstance(v, bool):
+        raise ParameterError(name, v, "must be true or false")
+    return v
+
+
+def _str(name, v):
+    if not isinstance(v, str) or not v:
+        raise ParameterError(name, v, "must be a non-empty string")
+    return v
+
+
+def _seeds(name, v):
+    """An integer count ``N`` (seeds 0..N−1) or a list of distinct integers ≥ 0."""
+    if isinstance(v, int) and not isinstance(v, bool):
+        return list(range(check_integer(name, v, ge=1)))
+    if not isinstance(v, list) or not v:
+        raise ParameterError(name, v, "must be a count >= 1 or a non-empty list of integers")
+    seeds = [check_integer(f"{name}.{i}", s, ge=0) for i, s in enumerate(v)]
+    if len(set(seeds)) != len(seeds):
+        raise ParameterError(name, v, "must not repeat a seed")
+    return seeds
+
+
+def _any(name, v):
+    return v
+
+
+SCHEMA: dict[str, dict[str, Key]] = {
+    "problem": {
+        "dim": Key(None, _int(ge=1), "embedding dimension d", required=True),
+        "family": Key("gaussian", _choice(FAMILIES), "class-conditional family: "
+                      + ", ".join(FAMILIES)),
+        "label_noise": Key(0.0, _num(ge=0, lt=0.5), "probability ε that an observed "
+                           "preference is flipped"),
+        "cosines": Key(None, _any, "cosine between the d_i of builder behaviors: one number "
+                       "for every pair, or a K×K matrix (default: orthogonal)"),
+        "behaviors": Key(None, _any, "array of tables [[problem.behaviors]], keys below",
+                         required=True),
+    },
+    "model": {
+        "vocab_size": Key(2, _int(ge=2), "vocabulary size V (rows 0 = Yes, 1 = No)"),
+        "init_scale": Key(1.0, _num(ge=0), "reference W0 entries ~ N(0, init_scale²/d)"),
+        "init_seed": Key(0, _int(ge=0), "seed of the random reference W0"),
+        "reference": Key(None, _any, "explicit W0 as a V×d nested list (overrides the "
+                         "random one)"),
+    },
+    "train": {
+        "objective": Key("dpo", _choice(OBJECTIVES), "objective: " + ", ".join(OBJECTIVES)),
+        "beta": Key(1.0, _num(gt=0), "β > 0: inverse temperature of the objective"),
+        "lr": Key(0.5, _num(gt=0), "step size η > 0 on W (t = lr·step)"),
+        "steps": Key(200, _int(ge=1), "number of optimisation steps ≥ 1"),
+        "n": Key(2000, _int(ge=2), "training statements per seed (≥ 2), split across "
+                 "behaviors by weight"),
+        "batch_size": Key(None, _int(ge=1), "minibatch size ≤ n (omit for full-batch GD)"),
+        "seeds": Key(4, _seeds, "a count N (seeds 0..N−1) or a list of seeds"),
+        "dtype": Key("float32", _choice(["float32", "float64"]), "simulation precision"),
+        "device": Key("cpu", _choice(["cpu", "cuda", "auto"]), "cpu, cuda, or auto (cuda "
+                      "when available)"),
+        "eval_every": Key(1, _int(ge=1), "record metrics every this many steps (and at "
+                          "the last)"),
+    },
+    "theory": {
+        "population": Key(True, _bool, "compute the population prediction (source = "
+                          "\"theory\")"),
+        "continuous": Key(False, _bool, "continuous-time flow instead of population GD "
+                          "with the same lr"),
+        "nodes": Key(80, _int(ge=8, le=400), "Gauss–Hermite nodes"),
+        "qmc_points": Key(8192, _int(ge=256), "quasi-Monte Carlo points for "
+                          "rewards/chosen|rejected (and non-scale-mixture families)"),
+    },
+}
+
+BEHAVIOR_KEYS: dict[str, Key] = {
+    "name": Key(None, _str, "behavior name (unique)", required=True),
+    "weight": Key(1.0, _num(gt=0), "mixture weight (normalised over behaviors)"),
+    "pos_fraction": Key(0.5, _num(gt=0, lt=1), "share of positive statements (class "
+                        "balance)"),
+    "distinguishability": Key(None, _num(ge=0), "builder: ‖μ⁺ − μ⁻‖ = δ, isotropic Σ = "
+                              "sigma²·I"),
+    "sigma": Key(1.0, _num(ge=0), "builder: per-coordinate standard deviation"),
+    "direction": Key(None, _any, "builder: direction of μ⁺ − μ⁻ (length d; default: "
+                     "orthogonal basis vectors, or problem.cosines)"),
+    "center": Key(None, _any, "builder: (μ⁺ + μ⁻)/2 (length d; default 0)"),
+    "mu_pos": Key(None, _any, "explicit μ⁺ (length d)"),
+    "mu_neg": Key(None, _any, "explicit μ⁻ (length d)"),
+    "cov_pos": Key(None, _any, "explicit Σ⁺: d×d nested list, a length-d list "
+                   "(diagonal) or a number (times I)"),
+    "cov_neg": Key(None, _any, "explicit Σ⁻ (same forms; default: cov_pos)"),
+}
+
+EXPLICIT = ("mu_pos", "mu_neg", "cov_pos", "cov_neg")
+BUILDER = ("distinguishability", "sigma", "direction", "center")
+
+
+# ----------------------------------------------------------------------------- parsing
+
+
+def _unknown(path: str, key: str, known: Sequence[str]) -> ParameterError:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    name = f"{path}.{key}" if path else key
+    return ParameterError(name, key, f"is not a known key{hint}")
+
+
+def _fill(path: str, table, keys: dict[str, Key]) -> dict:
+    if not isinstance(table, dict):
+        raise ParameterError(path, table, "must be a table")
+    for key in table:
+        if key not in keys:
+            raise _unknown(path, key, keys)
+    out = {}
+    for key, spec in keys.items():
+        name = f"{path}.{key}"
+        if key in table:
+            out[key] = spec.check(name, table[key])
+        elif spec.required:
+            raise ParameterError(name, None, "is required")
+        elif spec.default is not None:
+            out[key] = spec.check(name, copy.deepcopy(spec.default))
+    return out
+
+
+def parse_config(raw: dict) -> dict:
+    """Validate a config mapping and fill in defaults; returns a new dict."""
+    for section in raw:
+        if section not in SCHEMA:
+            raise _unknown("", section, SCHEMA)
+    if "problem" not in raw:
+        raise ParameterError("problem", None, "is required (a [problem] table)")
+    config = {name: _fill(name, raw.get(name, {}), keys) for name, keys in SCHEMA.items()}
+    behaviors = config["problem"]["behaviors"]
+    if not isinstance(behaviors, list) or not behaviors:
+        raise ParameterError("problem.behaviors", behaviors,
+                             "must be one or more [[problem.behaviors]] tables")
+    filled = [_fill(f"problem.behaviors.{i}", b, BEHAVIOR_KEYS) for i, b in enumerate(behaviors)]
+    for table, given in zip(filled, behaviors):
+        if "distinguishability" not in table and "sigma" not in given:
+            del table["sigma"]  # a builder default: meaningless for explicit behaviors
+    config["problem"]["behaviors"] = filled
+    train = config["train"]
+    if "batch_size" in train and train["batch_size"] > train["n"]:
+        raise ParameterError("train.batch_size", train["batch_size"],
+                             f"must be <= train.n = {train['n']}")
+    build_problem(config)  # every numeric check on means and covariances, with paths
+    return config
+
+
+def load_config(path: str | Path | None, overrides: Sequence[str] = (), *,
+                text: str | None = None) -> dict:
+    """Read TOML from ``path`` (or ``text``), apply ``KEY=VALUE`` overrides, validate."""
+    source = str(path) if path is not None else "<config>"
+    if text is None:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as err:
+            raise ParameterError("config", source, f"cannot be read ({err.strerror})") from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ParameterError("config", source, f"is not valid TOML: {err}") from None
+    for item in overrides:
+        apply_override(raw, item)
+    return parse_config(raw)
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """Apply ``KEY=VALUE`` in place; ``KEY`` is a dotted path (list indices as
+    numbers: ``problem.behaviors.0.distinguishability``), ``VALUE`` a TOML value
+    (a bare word is taken as a string)."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ParameterError("--set", item, "must look like KEY=VALUE")
+    try:
+        value = tomllib.loads(f"v = {text.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text.strip()
+    parts = key.split(".")
+    node, path = raw, []
+    for part in parts[:-1]:
+        path.append(part)
+        if isinstance(node, list):
+            index = _index(".".join(path), part, node)
+            node = node[index]
+        else:
+            node = node.setdefault(part, {})
+    last = parts[-1]
+    if isinstance(node, list):
+        node[_index(key, last, node)] = value
+    elif isinstance(node, dict):
+        node[last] = value
+    else:
+        raise ParameterError("--set", item, f"cannot set a key inside {'.'.join(path)}")
+
+
+def _index(name: str, part: str, node: list) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ParameterError(name, part, f"must be an index in 0..{len(node) - 1}")
+    return int(part)
+
+
+# ----------------------------------------------------------------------------- problem
+
+
+def _cov(name: str, value, dim: int) -> np.ndarray:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return check_number(name, value, ge=0) * np.eye(dim)
+    array = np.asarray(value, dtype=object)
+    if array.ndim == 1 and len(value) == dim:
+        try:
+            diag = np.asarray(value, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise ParameterError(name, value, "must contain numbers") from None
+        return np.diag(diag)
+    return value  # a full matrix: validated by Behavior
+
+
+def _vector(name: str, value, dim: int):
+    if value is None:
+        return None
+    try:
+        vec = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ParameterError(name, value, f"must be a list of {dim} numbers") from None
+    if vec.shape != (dim,):
+        raise ParameterError(name, value, f"must have length dim = {dim}, not {vec.size}")
+    if not np.all(np.isfinite(vec)):
+        raise ParameterError(name, value, "must have finite entries (no NaN or inf)")
+    return vec
+
+
+def build_problem(config: dict) -> Problem:
+    """The :class:`Problem` described by a validated config's ``[problem]``."""
+    spec = config["problem"]
+    dim = spec["dim"]
+    tables = spec["behaviors"]
+    builders = [i for i, b in enumerate(tables) if "distinguishability" in b]
+    if "cosines" in spec and builders:
+        deltas = [tables[i]["distinguishability"] for i in builders]
+        try:
+            dirs = behaviors_with_angles(dim, deltas, spec["cosines"])
+        except ParameterError as err:
+            raise err.at("problem") from None
+        directions = {i: b.direction for i, b in zip(builders, dirs)}
+    else:
+        if len(builders) > dim and not all("direction" in tables[i] for i in builders):
+            raise ParameterError("problem.dim", dim, f"must be >= the {len(builders)} builder "
+                                 "behaviors to give each an orthogonal direction")
+        directions = {i: np.eye(dim)[k] for k, i in enumerate(builders)}
+    behaviors = []
+    for i, table in enumerate(tables):
+        path = f"problem.behaviors.{i}"
+        try:
+            behaviors.append(_behavior(path, table, dim, directions.get(i)))
+        except ParameterError as err:
+            raise (err if err.name.startswith(path) else err.at(path)) from None
+    try:
+        return Problem(tuple(behaviors), family=spec["family"], label_noise=spec["label_noise"])
+    except ParameterError as err:
+        raise err.at("problem") from None
+
+
+def _behavior(path: str, table: dict, dim: int, default_direction) -> Behavior:
+    explicit = [k for k in EXPLICIT if k in table]
+    builder = [k for k in ("sigma", "direction", "center") if k in table]
+    common = dict(weight=table["weight"], pos_fraction=table["pos_fraction"])
+    if "distinguishability" in table:
+        if explicit:
+            raise ParameterError(f"{path}.{explicit[0]}", table[explicit[0]],
+                                 "cannot be given together with distinguishability")
+        direction = _vector(f"{path}.direction", table.get("direction"), dim)
+        center = _vector(f"{path}.center", table.get("center"), dim)
+        if direction is None and np.any(default_direction != 0):
+            direction = default_direction / np.linalg.norm(default_direction)
+        return isotropic(table["name"], dim, table["distinguishability"], sigma=table["sigma"],
+                         direction=direction, center=center, **common)
+    if builder:
+        raise ParameterError(f"{path}.{builder[0]}", table[builder[0]],
+                             "needs distinguishability (builder keys)")
+    missing = [k for k in ("mu_pos", "mu_neg", "cov_pos") if k not in table]
+    if missing:
+        raise ParameterError(f"{path}.{missing[0]}", None,
+                             "is required (or give distinguishability to use the builder)")
+    mu_pos = _vector(f"{path}.mu_pos", table["mu_pos"], dim)
+    mu_neg = _vector(f"{path}.mu_neg", table["mu_neg"], dim)
+    cov_pos = _cov(f"{path}.cov_pos", table["cov_pos"], dim)
+    cov_neg = _cov(f"{path}.cov_neg", table.get("cov_neg", table["cov_pos"]), dim)
+    return Behavior(table["name"], mu_pos, mu_neg, cov_pos, cov_neg, **common)
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def dump_config(config: dict) -> str:
+    """The resolved config as TOML text (defaults filled in), behaviors as
+    ``[[problem.behaviors]]`` tables; reading it back gives the same config."""
+    out = []
+    for section, table in config.items():
+        out.append(f"[{section}]")
+        out += [f"{k} = {_toml(v)}" for k, v in table.items() if k != "behaviors"]
+        out.append("")
+        for behavior in table.get("behaviors", []):
+            out.append(f"[[{section}.behaviors]]")
+            out += [f"{k} = {_toml(v)}" for k, v in behavior.items()]
+            out.append("")
+    return "\n".join(out)
+
+
+def _toml(value) -> str:
+    """A TOML literal for the scalars and (nested) lists a config holds."""
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")
+
+
+def config_reference() -> str:
+    """The config reference as a Markdown table, generated from the schema."""
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+
+    def row(name, spec):
+        default = "required" if spec.required else (
+            "—" if spec.default is None else f"`{_toml(spec.default)}`")
+        lines.append(f"| `{name}` | {default} | {spec.doc} |")
+
+    for section, keys in SCHEMA.items():
+        for key, spec in keys.items():
+            row(f"{section}.{key}", spec)
+            if key == "behaviors":
+                for bkey, bspec in BEHAVIOR_KEYS.items():
+                    row(f"problem.behaviors[].{bkey}", bspec)
+    return "\n".join(lines)

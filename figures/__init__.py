@@ -1,0 +1,1 @@
+"""Figures built from stored results, theory drawn over measurement."""
