@@ -38,7 +38,7 @@ import torch
 from scipy import integrate, stats
 from scipy.special import roots_hermitenorm
 
-from dynamics.metrics import BEHAVIOR_METRICS, tidy_frame
+from dynamics.metrics import BEHAVIOR_METRICS, tidy_frame, tie_half
 from dynamics.model import NO, YES
 from dynamics.objectives import get_objective
 from synthetic.families import get_family
@@ -181,8 +181,8 @@ class PopulationFlow:
             h = self.s[:, None] * proj
             ranking = self.s[:, None] * self._project(policy)
             per_c["loss"] = obj.loss(h, beta).mean(1)
-            per_c["accuracy"] = _tie_half(ranking).mean(1)
-            per_c["reward_accuracy"] = _tie_half(h).mean(1)
+            per_c["accuracy"] = tie_half(ranking).mean(1)
+            per_c["reward_accuracy"] = tie_half(h).mean(1)
         shift = torch.logaddexp(torch.logaddexp(self.y0 + proj / 2, self.n0 - proj / 2),
                                 self.rest) - self.logz0  # (C, M): log Z − log Z0
         half_margin = self.s[:, None] * proj / 2
@@ -204,10 +204,6 @@ class PopulationFlow:
 
 def _normal_cdf(x: torch.Tensor) -> torch.Tensor:
     return 0.5 * torch.erfc(-x / _SQRT2)
-
-
-def _tie_half(x: torch.Tensor) -> torch.Tensor:
-    return (x > 0).double() + 0.5 * (x == 0).double()
 
 
 def population_descent(

@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import torch
 
-__all__ = ["METRICS", "BEHAVIOR_METRICS", "tidy_frame"]
+__all__ = ["METRICS", "BEHAVIOR_METRICS", "tidy_frame", "tie_half"]
 
 BEHAVIOR_METRICS = ("loss", "accuracy", "reward_accuracy", "rewards/chosen", "rewards/rejected",
                     "rewards/margins")
@@ -66,3 +67,8 @@ def tidy_frame(
             per_behavior[name][ei, si, pi, ki])
         frame[name] = np.asarray(values, dtype=np.float64)
     return frame
+
+
+def tie_half(x: torch.Tensor) -> torch.Tensor:
+    """``1[x > 0] + ½·1[x = 0]``, elementwise: correctness with ties counted half."""
+    return (x > 0).to(x.dtype) + 0.5 * (x == 0).to(x.dtype)

@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from dynamics.metrics import BEHAVIOR_METRICS, tidy_frame
+from dynamics.metrics import BEHAVIOR_METRICS, tidy_frame, tie_half
 from dynamics.model import NO, YES
 from dynamics.objectives import get_objective
 from synthetic.problem import Problem
@@ -199,10 +199,6 @@ def simulate_sample(
     )
 
 
-def _tie_half(x: torch.Tensor) -> torch.Tensor:
-    return (x > 0).to(x.dtype) + 0.5 * (x == 0).to(x.dtype)
-
-
 def _sample_metrics(proj, s, rank0, rest, y0, n0, logz0, obj, beta) -> dict[str, torch.Tensor]:
     """Per-sample metrics ``(S, n, P)`` from ``proj = Δᵀg`` ``(S, n, P)``."""
     h = s[..., None] * proj
@@ -210,8 +206,8 @@ def _sample_metrics(proj, s, rank0, rest, y0, n0, logz0, obj, beta) -> dict[str,
                             rest[..., None]) - logz0[..., None]  # log Z − log Z0
     return {
         "loss": obj.loss(h, beta),
-        "accuracy": _tie_half(rank0[..., None] + h),
-        "reward_accuracy": _tie_half(h),
+        "accuracy": tie_half(rank0[..., None] + h),
+        "reward_accuracy": tie_half(h),
         "rewards/chosen": beta * (h / 2 - shift),
         "rewards/rejected": beta * (-h / 2 - shift),
         "rewards/margins": beta * h,
