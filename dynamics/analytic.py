@@ -10,13 +10,16 @@ one-dimensional expectations (THEORY §2). For any objective ``ℓ(h)``:
 
 (``w ≡ 1`` for Gaussians; ``w ~ Exp(1)`` for the Laplace family) which for DPO
 is ``2β Σ_c π_c (s_c μ_c E[σ(−z_c)] − β E[w σ(z_c)σ(−z_c)] Σ_c Δ)`` with
-``z = βh``. Expectations use Gauss–Hermite quadrature (``nodes`` points, exact
-to ~1e-12 here) and, for the mixing scale, Gauss–Laguerre.
+``z = βh``. Each expectation is one integral against the law of the
+standardised projection ``Y`` with the Stein weight ``E[w | Y]``
+(:meth:`synthetic.Family.projection_rule`: composite Gauss–Legendre on panels of
+``panel_width`` standard deviations, ~1e-10 while the logit spread
+``β√(ΔᵀΣΔ)`` stays below ≈ 50); accuracies use the family's closed-form CDF.
 
-**Population gradient descent** ``Δ_{k+1} = Δ_k + η F(Δ_k)`` matches a finite-
-sample run with the same step ``η = lr`` step for step; the **continuous flow**
-``dΔ/dt = F(Δ)`` (``continuous=True``) is its ``η → 0`` limit, reported at
-``t = lr·k``.
+**Population gradient descent** ``Δ_{k+1} = Δ_k + η F(Δ_k)`` is what a
+finite-sample run with the same step ``η = lr`` tends to, step for step, as
+``n → ∞``; the **continuous flow** ``dΔ/dt = F(Δ)`` (``continuous=True``) is its
+``η → 0`` limit, reported at ``t = lr·k``.
 
 Two quantities are not functions of one projection: ``rewards/chosen`` and
 ``rewards/rejected`` involve the log-partition over the whole vocabulary, and a
@@ -36,7 +39,6 @@ import numpy as np
 import pandas as pd
 import torch
 from scipy import integrate, stats
-from scipy.special import roots_hermitenorm
 
 from dynamics.metrics import BEHAVIOR_METRICS, tidy_frame, tie_half
 from dynamics.model import NO, YES
@@ -83,12 +85,12 @@ class PopulationFlow:
     """
 
     def __init__(self, mixture: Mixture, *, beta: float, reference: np.ndarray,
-                 objective: str = "dpo", nodes: int = 80, scale_nodes: int = 32,
+                 objective: str = "dpo", panel_width: float = 0.1,
                  qmc_points: int = 8192, qmc_seed: int = 0):
         self.mixture = mixture
         self.beta = check_number("beta", beta, gt=0)
         self.objective = get_objective(objective)
-        nodes = check_integer("nodes", nodes, ge=2)
+        panel_width = check_number("panel_width", panel_width, gt=0, le=1)
         qmc_points = check_integer("qmc_points", qmc_points, ge=16)
         t = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float64)  # noqa: E731
         self.pi, self.s, self.mu, self.cov = (t(mixture.weights), t(mixture.signs),
@@ -98,15 +100,12 @@ class PopulationFlow:
         self.w0 = t(reference)
         self.u0 = self.w0[YES] - self.w0[NO]  # (d,)
 
-        # Gauss–Hermite for the standard normal: E f(x) ≈ Σ ω_j f(x_j).
-        x, w = roots_hermitenorm(nodes)
-        self.gh_x, self.gh_w = t(x), t(w / np.sqrt(2 * np.pi))
         family = "gaussian" if mixture.family == "empirical" else mixture.family
         self.family = get_family(family)
-        scales = self.family.scale_nodes(scale_nodes)
-        self.exact = scales is not None
-        if self.exact:
-            self.scale_w, self.scale_p = t(scales[0]), t(scales[1])  # (W,)
+        rule = self.family.projection_rule(panel_width)
+        self.exact = rule is not None
+        if self.exact:  # E f(Y) ≈ Σ p_j f(y_j),  E[w f(Y)] ≈ Σ p_j q_j f(y_j)
+            self.rule_y, self.rule_p, self.rule_pq = t(rule[0]), t(rule[1]), t(rule[1] * rule[2])
 
         # QMC points z (M, d) of the family, and the reference log-partition
         # pieces at g_cm = μ_c + L_c z_m: y0 = w0_Yesᵀg, n0 = w0_Noᵀg, rest.
@@ -132,18 +131,10 @@ class PopulationFlow:
         """``vᵀg`` at every QMC point of every component, shape ``(C, M)``."""
         return self.mu @ v[:, None] + (self.z @ (self.root @ v).T).T
 
-    def _gaussian_nodes(self, mean: torch.Tensor, var: torch.Tensor):
-        """Nodes ``mean + √(w·var)·x`` (C, W, J) and their weights (W, J)."""
-        sd = (self.scale_w[None, :] * var[:, None]).clamp_min(0).sqrt()  # (C, W)
-        points = mean[:, None, None] + sd[..., None] * self.gh_x
-        return points, self.scale_p[:, None] * self.gh_w[None, :]
-
     def _expect(self, fn, mean, var, *, scale_weighted=False):
-        """``E[f(h)]`` (or ``E[w f(h)]``) per component for ``h|w ~ N(mean, w var)``."""
-        points, weights = self._gaussian_nodes(mean, var)
-        if scale_weighted:
-            weights = weights * self.scale_w[:, None]
-        return (fn(points) * weights).sum(dim=(-2, -1))
+        """``E[f(h)]`` (or ``E[w f(h)]``) per component, ``h = mean + √var·Y``."""
+        points = mean[:, None] + var.clamp_min(0).sqrt()[:, None] * self.rule_y  # (C, J)
+        return fn(points) @ (self.rule_pq if scale_weighted else self.rule_p)
 
     # ---------------------------------------------------------------- dynamics
     def drift(self, delta: torch.Tensor) -> torch.Tensor:
@@ -194,16 +185,11 @@ class PopulationFlow:
         return out, delta.norm() / _SQRT2
 
     def _positive(self, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
-        """``P(X > 0)`` (ties half) for ``X | w ~ N(mean, w·var)``, per component."""
-        sd = (self.scale_w[None, :] * var[:, None]).clamp_min(0).sqrt()  # (C, W)
-        ratio = torch.where(sd > 0, mean[:, None] / sd.clamp_min(1e-300),
-                            torch.sign(mean)[:, None] * torch.inf)
-        ratio = torch.where((sd == 0) & (mean[:, None] == 0), torch.zeros_like(ratio), ratio)
-        return (_normal_cdf(ratio) * self.scale_p).sum(-1)
-
-
-def _normal_cdf(x: torch.Tensor) -> torch.Tensor:
-    return 0.5 * torch.erfc(-x / _SQRT2)
+        """``P(X > 0)`` (ties half) for ``X = mean + √var·Y``, per component."""
+        sd = var.clamp_min(0).sqrt()
+        ratio = torch.where(sd > 0, mean / sd.clamp_min(1e-300), torch.sign(mean) * torch.inf)
+        ratio = torch.where((sd == 0) & (mean == 0), torch.zeros_like(ratio), ratio)
+        return torch.as_tensor(self.family.projection_cdf(ratio.numpy()))
 
 
 def population_descent(

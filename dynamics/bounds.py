@@ -29,10 +29,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 from synthetic.families import get_family
-from synthetic.mixture import Mixture
+from synthetic.mixture import Mixture, population_mixture
 from synthetic.problem import Problem
 from synthetic.validation import ParameterError, check_choice, check_integer, check_number
 
@@ -76,7 +75,7 @@ def drift_tube(mixture: Mixture, *, beta: float, lr: float, steps: int,
                continuous: bool = False) -> Tube:
     """Theorem 1's tube for steps ``0..steps`` (or for the flow at ``t = lr·k``).
 
-    Discrete: ``B_k = min(b((1+a)^k − 1)/a, 2ηβk·√tr S)`` and
+    Discrete: ``B_k = min(b((1+a)^k − 1)/a, 2ηβk·√λ)`` and
     ``r_k = min(Σ_{j<k} a B_j, kb + B_k)``; continuous: ``B(t) = (b'/a')(e^{a't} − 1)``
     with ``a' = β²λ/2``, ``b' = β‖m‖`` and ``r(t) = ∫_0^t a' B``.
     """
@@ -93,11 +92,11 @@ def drift_tube(mixture: Mixture, *, beta: float, lr: float, steps: int,
         growth = np.expm1(a * t) / a if a > 0 else t
         norm = b * growth
         radius = b * (growth - t) if a > 0 else np.zeros_like(t)
-        norm = np.minimum(norm, 2 * beta * t * np.sqrt(np.trace(second)))
+        norm = np.minimum(norm, 2 * beta * t * np.sqrt(lam))
         return Tube(k.astype(np.int64), t, norm, np.minimum(radius, b * t + norm), m, beta, lr)
     a, b = lr * beta**2 * lam / 2, lr * beta * np.linalg.norm(m)
     geometric = b * np.expm1(k * np.log1p(a)) / a if a > 0 else b * k
-    norm = np.minimum(geometric, 2 * lr * beta * k * np.sqrt(np.trace(second)))
+    norm = np.minimum(geometric, 2 * lr * beta * k * np.sqrt(lam))
     radius = np.r_[0.0, np.cumsum(a * norm[:-1])]
     radius = np.minimum(radius, b * k + norm)
     return Tube(k.astype(np.int64), t, norm, radius, m, beta, lr)
@@ -143,16 +142,17 @@ def accuracy_lower_bound(mixture: Mixture, *, reference_direction: np.ndarray | 
         v_kᵀΣ_c v_k ≤ V_c = (√(u0ᵀΣ_c u0) + B_k √‖Σ_c‖_op)²,
 
     so ``P_c(s vᵀg > 0) ≥ M_c²/(M_c² + V_c)`` for ``M_c > 0`` (Cantelli: any
-    distribution, ``kind="cantelli"``) or ``E_w Φ(M_c/√(w V_c))`` for Gaussian
-    scale mixtures (``kind="gaussian"``; the default when the mixture's family
-    is gaussian or laplace). Ties are not counted as correct, so the bound also
-    holds for the tie-counts-half accuracies.
+    distribution, ``kind="cantelli"``) or ``F(M_c/√V_c)`` with ``F`` the CDF of
+    the family's standardised projection (``kind="family"``: Φ for gaussian,
+    the Laplace CDF for laplace; the default for those families). Ties are not
+    counted as correct, so the bound also holds for the tie-counts-half
+    accuracies.
     """
     tube = drift_tube(mixture, **kwargs)
     family = mixture.family
-    default = "gaussian" if family in ("gaussian", "laplace") else "cantelli"
-    kind = check_choice("kind", kind or default, ["gaussian", "cantelli"])
-    if kind == "gaussian" and family not in ("gaussian", "laplace"):
+    default = "family" if family in ("gaussian", "laplace") else "cantelli"
+    kind = check_choice("kind", kind or default, ["family", "cantelli"])
+    if kind == "family" and family not in ("gaussian", "laplace"):
         raise ParameterError("kind", kind, f"needs a Gaussian scale mixture, not {family!r}")
     u0 = np.zeros(mixture.dim) if reference_direction is None else np.asarray(
         reference_direction, dtype=np.float64)
@@ -167,9 +167,8 @@ def accuracy_lower_bound(mixture: Mixture, *, reference_direction: np.ndarray | 
         if kind == "cantelli":
             bound = np.where(positive, margin**2 / np.maximum(margin**2 + spread, 1e-300), 0.0)
         else:
-            scales, probs = get_family(family).scale_nodes()
-            z = margin[:, None] / np.sqrt(np.maximum(scales[None, :] * spread[:, None], 1e-300))
-            bound = np.where(positive, stats.norm.cdf(z) @ probs, 0.0)
+            z = margin / np.sqrt(np.maximum(spread, 1e-300))
+            bound = np.where(positive, get_family(family).projection_cdf(z), 0.0)
         per_c.append(bound)
     per_c = np.stack(per_c, 1)  # (E, C)
     share = np.eye(mixture.num_behaviors)[mixture.behavior] * mixture.weights[:, None]
@@ -202,21 +201,29 @@ def first_step(features, signs, *, beta: float, lr: float) -> np.ndarray:
 def priority_scores(problem: Problem) -> pd.DataFrame:
     """Predicted learning order (THEORY §2): one row per behavior.
 
-    ``score = ⟨d_i, b̄⟩`` with ``b̄ = Σ_j w_j d_j`` (the early loss-decrease rate
-    up to ``β²/8``), ``normalised = ⟨b̄, d_i⟩/‖b̄‖`` (Im & Li's code), and
-    ``rank`` (1 = learned first).
+    ``score = ⟨d_i, b̄⟩`` with ``b̄ = Σ_j w_j d_j`` and ``normalised =
+    ⟨b̄, d_i⟩/‖b̄‖`` (Im & Li's code) are the balanced-class forms; ``rate =
+    ⟨m_i, m⟩`` with ``m_i = E_i[s g]``, ``m = E[s g]`` is the general one
+    (``dL_i/dt(0) = −(β²/2)·rate``, see :func:`initial_loss_slope`), which also
+    accounts for class imbalance, a common mean and label noise; it equals
+    ``w``-weighted ``score/4`` for balanced, noise-free behaviors. ``rank``
+    (1 = learned first) orders by ``rate``.
     """
     d = problem.directions
     bbar = problem.weights @ d
     score = d @ bbar
     norm = np.linalg.norm(bbar)
+    mixture = population_mixture(problem)
+    m = mixture.signed_mean()
+    rate = np.array([mixture.signed_mean(i) @ m for i in range(len(problem.behaviors))])
     frame = pd.DataFrame({
         "behavior": problem.names,
         "distinguishability": np.linalg.norm(d, axis=1),
         "score": score,
         "normalised": score / norm if norm > 0 else np.zeros_like(score),
+        "rate": rate,
     })
-    frame["rank"] = frame["score"].rank(ascending=False, method="min").astype(int)
+    frame["rank"] = frame["rate"].rank(ascending=False, method="min").astype(int)
     return frame
 
 

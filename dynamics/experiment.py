@@ -61,7 +61,7 @@ def run_experiment(config: dict, *, progress: bool = True) -> pd.DataFrame:
             trajectory = population_descent(
                 population_mixture(problem), beta=train["beta"], lr=train["lr"], steps=steps,
                 reference=w0, objective=train["objective"], continuous=theory["continuous"],
-                eval_every=train["eval_every"], nodes=theory["nodes"],
+                eval_every=train["eval_every"], panel_width=theory["panel_width"],
                 qmc_points=theory["qmc_points"],
             )
             frames.append(trajectory.frame())
