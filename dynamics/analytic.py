@@ -13,8 +13,9 @@ is ``2β Σ_c π_c (s_c μ_c E[σ(−z_c)] − β E[w σ(z_c)σ(−z_c)] Σ_c Δ
 ``z = βh``. Each expectation is one integral against the law of the
 standardised projection ``Y`` with the Stein weight ``E[w | Y]``
 (:meth:`synthetic.Family.projection_rule`: composite Gauss–Legendre on panels of
-``panel_width`` standard deviations, ~1e-10 while the logit spread
-``β√(ΔᵀΣΔ)`` stays below ≈ 50); accuracies use the family's closed-form CDF.
+``panel_width`` standard deviations: ~1e-12 while the logit spread
+``β√(ΔᵀΣΔ)`` stays below 30, ~1e-8 at 50); accuracies use the family's
+closed-form CDF.
 
 **Population gradient descent** ``Δ_{k+1} = Δ_k + η F(Δ_k)`` is what a
 finite-sample run with the same step ``η = lr`` tends to, step for step, as
@@ -129,7 +130,8 @@ class PopulationFlow:
 
     def _project(self, v: torch.Tensor) -> torch.Tensor:
         """``vᵀg`` at every QMC point of every component, shape ``(C, M)``."""
-        return self.mu @ v[:, None] + (self.z @ (self.root @ v).T).T
+        # vᵀg = vᵀμ_c + (L_cᵀv)ᵀz
+        return self.mu @ v[:, None] + (self.z @ (self.root.transpose(1, 2) @ v).T).T
 
     def _expect(self, fn, mean, var, *, scale_weighted=False):
         """``E[f(h)]`` (or ``E[w f(h)]``) per component, ``h = mean + √var·Y``."""

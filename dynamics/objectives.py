@@ -49,10 +49,12 @@ def dpo_loss(
 def dpo_margin_loss(h: torch.Tensor, *, beta: float) -> torch.Tensor:
     """``−log σ(βh)`` of the margin ``h``, any shape.
 
-    Computed as ``softplus(−βh)``: ``−log σ(x) = log(1 + e^{−x})``, which stays
-    finite for large ``|x|`` where ``log(sigmoid(x))`` underflows to ``−inf``.
+    Computed by ``logsigmoid``, i.e. ``−log σ(x) = log(1 + e^{−x})`` evaluated
+    stably: finite for large ``|x|`` where ``log(sigmoid(x))`` underflows to
+    ``−inf``, and exact there (``F.softplus`` would switch to ``x`` past its
+    threshold and drop up to ``e^{−20}``).
     """
-    return F.softplus(-beta * h)
+    return -F.logsigmoid(beta * h)
 
 
 def _dpo_grad(h: torch.Tensor, beta) -> torch.Tensor:
@@ -84,7 +86,7 @@ OBJECTIVES: dict[str, Objective] = {
     for o in (
         Objective(
             "dpo",
-            lambda h, beta: F.softplus(-beta * h),
+            lambda h, beta: dpo_margin_loss(h, beta=beta),
             _dpo_grad,
             _dpo_hess,
             "−log σ(βh)",

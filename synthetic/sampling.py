@@ -66,7 +66,12 @@ def allocate(total: int, shares: np.ndarray) -> np.ndarray:
 def _layout(problem: Problem, n: int) -> list[tuple[int, int, int]]:
     """(behavior, true sign, count) groups in sample order."""
     groups = []
-    for index, count in enumerate(allocate(n, problem.weights)):
+    counts = allocate(n, problem.weights)
+    if counts.min() < 1:
+        empty = problem.names[int(counts.argmin())]
+        raise ParameterError("n", n, f"must give every behavior a statement (behavior {empty!r} "
+                             f"gets none; n·w = {n * problem.weights.min():.2g})")
+    for index, count in enumerate(counts):
         frac = problem.behaviors[index].pos_fraction
         n_pos, n_neg = allocate(int(count), np.array([frac, 1 - frac]))
         groups += [(index, +1, int(n_pos)), (index, -1, int(n_neg))]
