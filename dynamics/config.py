@@ -125,9 +125,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
                           "\"theory\")"),
         "continuous": Key(False, _bool, "continuous-time flow instead of population GD "
                           "with the same lr"),
-        "panel_width": Key(0.1, _num(gt=0, le=1), "quadrature panel width, in standard "
-                           "deviations of the margin (smaller = more accurate at large "
-                           "logit spread)"),
+        "panel_width": Key(2.0, _num(gt=0, le=10), "quadrature panel width in logit units "
+                           "(smaller = more nodes, more accurate)"),
         "qmc_points": Key(8192, _int(ge=256), "quasi-Monte Carlo points for "
                           "rewards/chosen|rejected (and non-scale-mixture families)"),
     },

@@ -68,6 +68,13 @@ def _dpo_hess(h: torch.Tensor, beta) -> torch.Tensor:
     return beta**2 * torch.sigmoid(z) * torch.sigmoid(-z)
 
 
+def _dpo_both(h: torch.Tensor, beta):
+    # one sigmoid for both: with q = σ(−βh), ℓ' = −βq and ℓ'' = β² q (1 − q)
+    q = torch.sigmoid(-beta * h)
+    first = -beta * q
+    return first, first * (q - 1) * beta
+
+
 @dataclass(frozen=True)
 class Objective:
     """A pairwise objective of the margin ``h``; ``beta`` may be a tensor that
@@ -79,6 +86,13 @@ class Objective:
     hess: Callable[..., torch.Tensor]  # ℓ''(h, beta)
     formula: str
     source: str
+    both: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None  # (ℓ', ℓ'') at once
+
+    def derivatives(self, h: torch.Tensor, beta) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(ℓ'(h), ℓ''(h))``, sharing work where the objective allows it."""
+        if self.both is not None:
+            return self.both(h, beta)
+        return self.grad(h, beta), self.hess(h, beta)
 
 
 OBJECTIVES: dict[str, Objective] = {
@@ -91,6 +105,7 @@ OBJECTIVES: dict[str, Objective] = {
             _dpo_hess,
             "−log σ(βh)",
             "Rafailov et al. 2023, eq. 7",
+            _dpo_both,
         ),
     )
 }

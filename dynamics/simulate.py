@@ -2,8 +2,8 @@
 
 A batch is ``S`` seeds (independent samples) × ``P`` configurations (``beta``
 and ``lr`` per configuration, zipped). Runs of one seed share its sample, so
-the per-step forward ``X Δ`` and backward ``Xᵀ r`` are matrix products with one
-column per configuration (``(S, n, d) @ (S, d, P)``): no Python loop over runs.
+the per-step forward and backward are matrix products with one row per
+configuration (``(S, P, d) @ (S, d, n)`` and back): no Python loop over runs.
 
 Gradient descent on ``W`` with step ``lr`` is carried out on ``Δ = u − u0``
 (THEORY §1, exact): for an objective ``ℓ(h)`` with ``h = s Δᵀg``,
@@ -42,7 +42,7 @@ class SimulationResult:
     """Metrics of every run at the recorded steps.
 
     steps (E,) · per_behavior[metric] (E, S, P, K) · weight_change (E, S, P)
-    deltas (E, S, P, d) if kept, else only the final ``(S, P, d)`` in ``final``.
+    final ``Δ`` (S, P, d); deltas (E, S, P, d) if kept.
     """
 
     steps: np.ndarray
@@ -147,66 +147,74 @@ def simulate_sample(
     rest = torch.logsumexp(logits0[..., others], -1) if others.any() else torch.full_like(
         y0, -torch.inf)
     logz0 = torch.logsumexp(torch.stack([rest, y0, n0]), 0)
-    rank0 = s * (x @ (w0[YES] - w0[NO]))  # (S, n): s u0ᵀg
     del logits0
+    # Signed features s·g, once: the margin is h = Δᵀ(s g) and the gradient of
+    # the mean loss is mean_j ℓ'(h_j) s_j g_j, so no step touches the signs.
+    xs = x * s[..., None]  # (S, n, d)
+    rank0 = xs @ (w0[YES] - w0[NO])  # (S, n): s u0ᵀg
 
     counts = torch.bincount(data.behavior, minlength=len(data.names)).to(dtype)
     share = torch.nn.functional.one_hot(data.behavior, len(data.names)).to(dtype) / counts  # (n, K)
 
-    delta = torch.zeros(num_seeds, dim, num_configs, dtype=dtype, device=device)
+    # Runs as rows: Δ is (S, P, d) and margins are (S, P, n), so the forward
+    # Δ (s g)ᵀ and the backward r (s g) are matrix products with row-major
+    # outputs, fast both for many configurations of one sample and for many
+    # seeds with one configuration each.
+    delta = torch.zeros(num_seeds, num_configs, dim, dtype=dtype, device=device)
     if delta0 is not None:
-        delta += t(delta0)[None, :, None]
+        delta += t(delta0)
     record = np.unique(np.r_[np.arange(0, steps + 1, eval_every), steps])
     wanted = set(record.tolist())
     store = {name: [] for name in BEHAVIOR_METRICS}
     norms, kept = [], []
+    beta_col = beta_t[:, None]  # (P, 1) broadcasts against (S, P, n)
 
     batches = _BatchStream(seeds, n, batch_size, device) if batch_size else None
+    # Δ += r xs with r = −2·lr·ℓ'(h)/B: gradient descent with step lr on W.
+    scale = (-2.0 / (batch_size or n)) * lr_t[:, None]  # (P, 1)
     for k in range(steps + 1):
-        full = None
+        h_full = None
         if k in wanted:
-            full = x @ delta  # (S, n, P): Δᵀg for every sample
-            for name, value in _sample_metrics(full, s, rank0, rest, y0, n0, logz0, obj,
-                                               beta_t).items():
-                store[name].append(torch.einsum("snp,nk->skp", value, share))
-            norms.append(delta.norm(dim=1) / np.sqrt(2))
+            h_full = delta @ xs.transpose(1, 2)  # (S, P, n): margins of every sample
+            for name, value in _sample_metrics(h_full, s, rank0, rest, y0, n0, logz0, obj,
+                                               beta_col).items():
+                store[name].append(value @ share)  # (S, P, K)
+            norms.append(delta.norm(dim=-1) / np.sqrt(2))
             if keep_deltas:
                 kept.append(delta.clone())
         if k == steps:
             break
         if batches is None:
-            xb, sb = x, s
-            proj = full if full is not None else x @ delta
+            xb = xs
+            h = h_full if h_full is not None else delta @ xs.transpose(1, 2)
         else:
             idx = batches.next()  # (S, B)
-            rows = torch.arange(num_seeds, device=device)[:, None]
-            xb, sb = x[rows, idx], s[rows, idx]
-            proj = xb @ delta  # (S, B, P)
-        h = sb[..., None] * proj
-        # r_j = −2·lr·ℓ'(h_j)·s_j / B, so that Δ += Xᵀ r is the GD step on W.
-        r = (-2.0 / xb.shape[1]) * lr_t * obj.grad(h, beta_t) * sb[..., None]
-        delta = delta + xb.transpose(1, 2) @ r  # (S, d, P)
+            xb = xs[torch.arange(num_seeds, device=device)[:, None], idx]  # (S, B, d)
+            h = delta @ xb.transpose(1, 2)  # (S, P, B)
+        delta = torch.baddbmm(delta, obj.grad(h, beta_col).mul_(scale), xb)
         if progress is not None:
             progress(k + 1)
 
-    per_behavior = {name: torch.stack(v).permute(0, 1, 3, 2).cpu().double().numpy()
+    per_behavior = {name: torch.stack(v).cpu().double().numpy()
                     for name, v in store.items()}  # (E, S, P, K)
-    deltas = torch.stack(kept).permute(0, 1, 3, 2) if keep_deltas else None
+    deltas = torch.stack(kept) if keep_deltas else None
     return SimulationResult(
         steps=record, seeds=list(seeds), beta=beta_np, lr=lr_np, names=tuple(data.names),
         per_behavior=per_behavior, weight_change=torch.stack(norms).cpu().double().numpy(),
-        final=delta.permute(0, 2, 1), deltas=deltas,
+        final=delta, deltas=deltas,
     )
 
 
-def _sample_metrics(proj, s, rank0, rest, y0, n0, logz0, obj, beta) -> dict[str, torch.Tensor]:
-    """Per-sample metrics ``(S, n, P)`` from ``proj = Δᵀg`` ``(S, n, P)``."""
-    h = s[..., None] * proj
-    shift = torch.logaddexp(torch.logaddexp(y0[..., None] + proj / 2, n0[..., None] - proj / 2),
-                            rest[..., None]) - logz0[..., None]  # log Z − log Z0
+def _sample_metrics(h, s, rank0, rest, y0, n0, logz0, obj, beta) -> dict[str, torch.Tensor]:
+    """Per-sample metrics ``(S, P, n)`` from the margins ``h = s Δᵀg`` ``(S, P, n)``;
+    ``s``, ``rank0 = s u0ᵀg`` and the reference logits are ``(S, n)``, ``beta``
+    is ``(P, 1)``."""
+    proj = h * s[:, None, :]  # Δᵀg
+    shift = torch.logaddexp(torch.logaddexp(y0[:, None] + proj / 2, n0[:, None] - proj / 2),
+                            rest[:, None]) - logz0[:, None]  # log Z − log Z0
     return {
         "loss": obj.loss(h, beta),
-        "accuracy": tie_half(rank0[..., None] + h),
+        "accuracy": tie_half(rank0[:, None] + h),
         "reward_accuracy": tie_half(h),
         "rewards/chosen": beta * (h / 2 - shift),
         "rewards/rejected": beta * (-h / 2 - shift),

@@ -27,7 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import special, stats
+from scipy import special
 
 __all__ = ["FAMILIES", "Family", "get_family"]
 
@@ -58,9 +58,9 @@ class Family:
         """
         body, last = unit[:, :-1], unit[:, -1:]
         if self.name == "gaussian":
-            return stats.norm.ppf(body)
+            return special.ndtri(body)
         if self.name == "laplace":
-            return np.sqrt(-np.log1p(-last)) * stats.norm.ppf(body)
+            return np.sqrt(-np.log1p(-last)) * special.ndtri(body)
         if self.name == "uniform":
             return np.sqrt(3.0) * (2.0 * body - 1.0)
         raise AssertionError(self.name)

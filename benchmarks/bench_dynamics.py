@@ -1,0 +1,771 @@
+#!/usr/bin/env python
+"""Cost of prefdyn's dynamics on this machine (THEORY §6), as ratios measured in one run.
+
+    python benchmarks/bench_dynamics.py            # full mode (a few minutes)
+    python benchmarks/bench_dynamics.py --quick    # smoke mode (< 30 s)
+
+Three headline ratios, each measured against a reference timed in the same run
+(interleaved rounds, best-of-N; medians are printed beside them):
+
+1. ``gemm_fraction``: the batched simulation (``simulate_sample``) on runs that
+   share one sample (1 seed × P configurations, so the per-step forward ``XΔ``
+   and backward ``Xᵀr`` are matrix products with P columns), as a fraction of
+   plain float32 ``torch.matmul`` of the same shapes. FLOPs counted: the 2 GEMMs
+   of a step, ``2·n·d·P`` each; nothing else. The distinct-samples regime
+   (S seeds, P = 1: matrix-vector work) is reported as a fraction of the
+   measured copy bandwidth.
+2. ``loop_speedup``: one batched call against a Python loop calling the same
+   function once per run (one seed, one configuration).
+3. ``flow_vs_sim``: ``population_descent`` against ``simulate_sample`` on
+   n = 100,000 drawn samples of the same problem, same steps and ``eval_every``;
+   plus how each cost grows with n, d and K.
+
+The last line printed is ``bench_dynamics: gemm_fraction=F loop_speedup=S flow_vs_sim=R``.
+Only the library's public functions are timed; nothing here changes them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dynamics.analytic import PopulationFlow, population_descent  # noqa: E402
+from dynamics.model import reference_weights  # noqa: E402
+from dynamics.simulate import simulate_sample  # noqa: E402
+from synthetic.mixture import population_mixture  # noqa: E402
+from synthetic.problem import Problem, behaviors_with_angles  # noqa: E402
+from synthetic.sampling import PreferenceSample, sample_batch  # noqa: E402
+
+TARGETS = {"gemm_fraction": 0.3, "loop_speedup": 50.0, "flow_vs_sim": 100.0}
+NEVER = 10**9  # eval_every beyond the last step: metrics only at step 0 and the last step
+
+
+# ----------------------------------------------------------------------------- timing helpers
+
+def now() -> float:
+    return time.perf_counter()
+
+
+def _proc_stat() -> list[int] | None:
+    try:
+        with open("/proc/stat") as fh:
+            return [int(v) for v in fh.readline().split()[1:]]
+    except OSError:
+        return None
+
+
+class Quiet:
+    """Before a timed task, wait (within a total budget) until other processes leave the
+    machine quiet: on a 2-core machine a second busy process stalls every 2-thread
+    parallel region of the batched code, while the per-run loop's small ops run on one
+    thread and barely notice, so measurements taken under contention are not comparable."""
+
+    def __init__(self, budget: float, per_task: float = 10.0, probe: float = 0.1,
+                 threshold: float = 0.15):
+        self.budget, self.per_task, self.probe, self.threshold = budget, per_task, probe, threshold
+        self.waited, self.probes, self.quiet, self.busy, self.unchecked = 0.0, 0, 0, 0, 0
+
+    def __call__(self) -> None:
+        start = self.waited
+        while True:
+            if self.waited >= self.budget:
+                self.unchecked += 1
+                return
+            if self.waited - start >= self.per_task:
+                self.busy += 1
+                return
+            v0, t0 = _proc_stat(), now()
+            time.sleep(self.probe)
+            v1, t1 = _proc_stat(), now()
+            self.waited += t1 - t0
+            self.probes += 1
+            if v0 is None or v1 is None:
+                return
+            tick = os.sysconf("SC_CLK_TCK")
+            d = [(b - a) / tick for a, b in zip(v0, v1)]
+            busy = sum(d[:3]) + sum(d[5:8])  # user nice system | irq softirq steal
+            if busy / ((t1 - t0) * (os.cpu_count() or 1)) < self.threshold:
+                self.quiet += 1
+                return
+
+    def summary(self) -> str:
+        return (f"quiet-wait: {self.quiet} timed tasks started on a quiet machine, {self.busy} "
+                f"on a busy one (wait capped at {self.per_task:g} s a task), {self.unchecked} "
+                f"unchecked (wait budget of {self.budget:g} s spent); {self.probes} probes, "
+                f"{self.waited:.1f} s waited")
+
+
+QUIET = Quiet(0.0)
+
+
+def interleave(tasks: dict, rounds: int) -> dict[str, np.ndarray]:
+    """Run every task once per round (order alternating), return the wall times."""
+    times = {name: [] for name in tasks}
+    names = list(tasks)
+    for r in range(rounds):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            QUIET()
+            t0 = now()
+            tasks[name]()
+            times[name].append(now() - t0)
+    return {k: np.array(v) for k, v in times.items()}
+
+
+def best_of(fn, repeat: int) -> float:
+    out = []
+    for _ in range(repeat):
+        t0 = now()
+        fn()
+        out.append(now() - t0)
+    return min(out)
+
+
+class StepClock:
+    """``progress`` hook of ``simulate_sample``: a timestamp after every step."""
+
+    def __init__(self):
+        self.stamps: list[float] = []
+
+    def __call__(self, _k: int) -> None:
+        self.stamps.append(now())
+
+    def median_step(self) -> float:
+        return float(np.median(np.diff(self.stamps)))
+
+
+class Contention:
+    """CPU time that other processes (and the hypervisor: steal) took during the run."""
+
+    def __init__(self):
+        self.start = self._read()
+
+    @staticmethod
+    def _read():
+        import resource
+
+        try:
+            with open("/proc/stat") as fh:
+                vals = [int(v) for v in fh.readline().split()[1:]]
+        except OSError:
+            vals = None
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return now(), vals, usage.ru_utime + usage.ru_stime
+
+    def report(self) -> str:
+        t1, v1, c1 = self._read()
+        t0, v0, c0 = self.start
+        if v0 is None or v1 is None:
+            return "CPU contention: unknown (no /proc/stat)"
+        tick = os.sysconf("SC_CLK_TCK")
+        diff = [(b - a) / tick for a, b in zip(v0, v1)]
+        busy = sum(diff[:3]) + sum(diff[5:7])  # user, nice, system, irq, softirq
+        steal = diff[7] if len(diff) > 7 else 0.0
+        capacity = (t1 - t0) * (os.cpu_count() or 1)
+        others = max(busy - (c1 - c0), 0.0)
+        return (f"CPU contention during the run: other processes {100 * others / capacity:.0f}% "
+                f"of the machine, hypervisor steal {100 * steal / capacity:.0f}% "
+                f"(this benchmark {100 * (c1 - c0) / capacity:.0f}%)")
+
+
+def fmt_t(seconds: float) -> str:
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:7.1f} µs"
+    if seconds < 1:
+        return f"{seconds * 1e3:7.2f} ms"
+    return f"{seconds:7.2f} s "
+
+
+def table(title: str, header: list[str], rows: list[list], note: str | None = None) -> None:
+    cells = [[str(c) for c in r] for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(header)]
+    print(f"\n{title}")
+    line = "  ".join(h.rjust(w) for h, w in zip(header, widths))
+    print("  " + line)
+    print("  " + "-" * len(line))
+    for r in cells:
+        print("  " + "  ".join(c.rjust(w) for c, w in zip(r, widths)))
+    if note:
+        for part in note.split("\n"):
+            print("  " + part)
+
+
+def slope(xs, ys) -> float:
+    """Log-log slope of ``ys`` against ``xs`` (least squares)."""
+    return float(np.polyfit(np.log(np.asarray(xs, float)), np.log(np.asarray(ys, float)), 1)[0])
+
+
+# ----------------------------------------------------------------------------- problems
+
+def make_problem(dim: int, k: int) -> Problem:
+    """K isotropic behaviors (σ = 1) with distinguishabilities 1..3 and pairwise cos 0.3."""
+    deltas = np.linspace(3.0, 1.0, k) if k > 1 else np.array([2.0])
+    return Problem(tuple(behaviors_with_angles(dim, deltas, 0.3)))
+
+
+def one_run(data: PreferenceSample, i: int) -> PreferenceSample:
+    """Seed ``i`` of a batched sample, kept batched (S = 1) as ``simulate_sample`` wants."""
+    return PreferenceSample(data.features[i:i + 1], data.signs[i:i + 1],
+                            data.true_signs[i:i + 1], data.behavior, data.names)
+
+
+# ----------------------------------------------------------------------------- 0. machine
+
+def machine(quick: bool) -> dict:
+    size = 1024 if quick else 2048
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    src = torch.randn((16 if quick else 32) * 2**20)
+    dst = torch.empty_like(src)
+    a @ b
+    dst.copy_(src)
+    t = interleave({"mm": lambda: a @ b, "copy": lambda: dst.copy_(src)}, 5)
+    peak = 2 * size**3 / t["mm"].min()
+    copy = 2 * src.numel() * 4 / t["copy"].min()
+    print("=" * 78)
+    print("bench_dynamics: prefdyn dynamics cost (THEORY §6)" + (" [--quick]" if quick else ""))
+    print("=" * 78)
+    print(f"torch {torch.__version__}, python {platform.python_version()}, "
+          f"{os.cpu_count()} CPUs; torch.get_num_threads() = {torch.get_num_threads()} (default, "
+          f"not changed), interop threads = {torch.get_num_interop_threads()}")
+    print(f"float32 matmul {size}x{size}x{size}: {peak / 1e9:6.1f} GFLOP/s (best of 5)")
+    print(f"tensor copy_ {src.numel() * 4 / 2**20:.0f} MiB: {copy / 1e9:6.1f} GB/s counting bytes "
+          f"read + written (best of 5)")
+    print("Timings: interleaved rounds; 'best' = best-of-N (interference only adds time), "
+          "'med' = median.")
+    return {"peak": peak, "copy": copy}
+
+
+# ----------------------------------------------------------------------------- 1. GEMM fraction
+
+def shared_sample_case(n: int, d: int, p: int, steps: int, rounds: int) -> dict:
+    problem = make_problem(d, 2)
+    data = sample_batch(problem, n, [0])
+    ref = reference_weights(d)
+    beta = np.geomspace(0.1, 1.0, p)
+    lr = np.geomspace(0.05, 0.5, p)[::-1].copy()
+    x2 = data.features[0]  # (n, d)
+    dmat = 0.01 * torch.randn(d, p)
+    rmat = torch.randn(n, p)
+    clock = StepClock()
+
+    def sim():
+        clock.stamps.clear()
+        simulate_sample(data, seeds=[0], beta=beta, lr=lr, steps=steps, reference=ref,
+                        eval_every=NEVER, progress=clock)
+
+    def gemm_pair():  # the two GEMMs of one step, plain 2-D matmul, best of 5
+        return best_of(lambda: (torch.matmul(x2, dmat), torch.matmul(x2.T, rmat)), 5)
+
+    pair_times = []
+    step_medians = []
+
+    def ref_task():
+        pair_times.append(gemm_pair())
+
+    def sim_task():
+        sim()
+        step_medians.append(clock.median_step())
+
+    simulate_sample(data, seeds=[0], beta=beta, lr=lr, steps=2, reference=ref, eval_every=NEVER)
+    t = interleave({"sim": sim_task, "ref": ref_task}, rounds)
+    flops_step = 2 * (2 * n * d * p)
+    sim_rate = steps * flops_step / t["sim"].min()
+    sim_rate_med = steps * flops_step / np.median(t["sim"])
+    step_rate = flops_step / min(step_medians)
+    ref_rate = flops_step / min(pair_times)
+    return dict(n=n, d=d, p=p, steps=steps, data=data, ref=ref, beta=beta, lr=lr,
+                sim_rate=sim_rate, sim_rate_med=sim_rate_med, step_rate=step_rate,
+                ref_rate=ref_rate, flops_step=flops_step, call=t["sim"].min())
+
+
+def gemm_section(quick: bool, env: dict) -> float:
+    print("\n" + "-" * 78)
+    print("1. gemm_fraction: runs that SHARE a sample (1 seed x P configurations)")
+    print("-" * 78)
+    print("FLOP counting rule: per step, forward X@Delta and backward X^T@r, 2*n*d*P FLOPs each "
+          "(4*n*d*P per step);\nelementwise work, metrics and setup are not counted (they are "
+          "in the time).\nsimulate_sample(eval_every=%d > steps): metrics only at step 0 and the "
+          "last step.\nReference: plain torch.matmul (n,d)@(d,P) and (d,n)@(n,P) in float32, "
+          "timed in the same rounds." % NEVER)
+    if quick:
+        cases, steps, rounds = [(8000, 32, 64), (8000, 256, 64)], 8, 2
+    else:
+        cases, steps, rounds = [(20000, 32, 64), (20000, 128, 64), (20000, 256, 16),
+                                (20000, 256, 64)], 30, 3
+    results = [shared_sample_case(n, d, p, steps, rounds) for n, d, p in cases]
+    rows = []
+    for r in results:
+        rows.append([r["n"], r["d"], r["p"], r["steps"], f"{r['ref_rate'] / 1e9:.1f}",
+                     f"{r['sim_rate'] / 1e9:.1f}", f"{r['sim_rate_med'] / 1e9:.1f}",
+                     f"{r['step_rate'] / 1e9:.1f}", f"{r['sim_rate'] / r['ref_rate']:.2f}",
+                     f"{r['sim_rate'] / env['peak']:.2f}"])
+    table("Shared-sample regime (GFLOP/s; 'call' = whole simulate_sample call incl. setup, "
+          "'step' = median step via progress hook)",
+          ["n", "d", "P", "steps", "matmul", "sim best", "sim med", "sim step", "fraction",
+           "vs peak"], rows,
+          "fraction = sim best / matmul of the same shapes (headline); vs peak = sim best / "
+          "square matmul above.")
+    head = max(results, key=lambda r: r["n"] * r["d"] * r["p"])
+    fraction = head["sim_rate"] / head["ref_rate"]
+
+    # The same configuration with metrics at every step.
+    steps1 = 3 if quick else 5
+    data, ref = head["data"], head["ref"]
+    QUIET()
+    t1 = best_of(lambda: simulate_sample(data, seeds=[0], beta=head["beta"], lr=head["lr"],
+                                         steps=steps1, reference=ref, eval_every=1),
+                 2)
+    rate1 = steps1 * head["flops_step"] / t1
+    print(f"\nHeadline case n={head['n']} d={head['d']} P={head['p']}: fraction = "
+          f"{fraction:.2f} (target >= {TARGETS['gemm_fraction']}).")
+    print(f"Same case with eval_every=1 (6 metrics x K behaviors at every step), {steps1} steps: "
+          f"{rate1 / 1e9:.1f} GFLOP/s = {rate1 / head['ref_rate']:.2f} of matmul; "
+          f"{fmt_t(t1 / steps1).strip()}/step vs {fmt_t(head['call'] / head['steps']).strip()}"
+          f"/step with metrics off the hot path.")
+    del head["data"]
+
+    # Distinct samples: S seeds, P = 1.
+    s, n, d, steps = (8, 4096, 64, 5) if quick else (32, 8192, 64, 15)
+    problem = make_problem(d, 2)
+    data = sample_batch(problem, n, list(range(s)))
+    ref = reference_weights(d)
+    x = data.features
+    dvec, rvec = 0.01 * torch.randn(s, d, 1), torch.randn(s, n, 1)
+    src = torch.randn(16 * 2**20)
+    dst = torch.empty_like(src)
+
+    def sim():
+        simulate_sample(data, seeds=list(range(s)), beta=0.5, lr=0.2, steps=steps,
+                        reference=ref, eval_every=NEVER)
+
+    sim()
+    bmm_t, row_t, copy_t = [], [], []
+    t = interleave({
+        "sim": sim,
+        "bmm": lambda: bmm_t.append(best_of(lambda: (x @ dvec, x.transpose(1, 2) @ rvec), 3)),
+        "rows": lambda: row_t.append(best_of(lambda: ((dvec.mT @ x.mT).mT, (rvec.mT @ x).mT), 3)),
+        "copy": lambda: copy_t.append(best_of(lambda: dst.copy_(src), 3)),
+    }, rounds)
+    bytes_step = 2 * s * n * d * 4
+    copy_bw = 2 * src.numel() * 4 / min(copy_t)
+    bmm_bw = bytes_step / min(bmm_t)
+    row_bw = bytes_step / min(row_t)
+    sim_bw = steps * bytes_step / t["sim"].min()
+    table(f"Distinct-samples regime: S={s} seeds x P=1, n={n}, d={d} (X = "
+          f"{s * n * d * 4 / 2**20:.0f} MiB), {steps} steps",
+          ["what", "GB/s", "GFLOP/s", "of copy BW"],
+          [["tensor copy_ (read+write)", f"{copy_bw / 1e9:.1f}", "-", "1.00"],
+           ["bmm X@v + X^T@r alone", f"{bmm_bw / 1e9:.1f}",
+            f"{bmm_bw / 2 / 1e9:.1f}", f"{bmm_bw / copy_bw:.2f}"],
+           ["same, runs as rows: (D^T X^T)^T, (r^T X)^T", f"{row_bw / 1e9:.1f}",
+            f"{row_bw / 2 / 1e9:.1f}", f"{row_bw / copy_bw:.2f}"],
+           ["simulate_sample (call)", f"{sim_bw / 1e9:.1f}", f"{sim_bw / 2 / 1e9:.1f}",
+            f"{sim_bw / copy_bw:.2f}"]],
+          "Bytes counted: X read twice per step (forward and backward), 2*S*n*d*4 B; "
+          "FLOPs = 4*S*n*d per step\n(2 FLOPs per 4 bytes). Copy bandwidth counts bytes read "
+          "+ written, measured in the same rounds.\nThe 'runs as rows' line computes the same "
+          "products with the run axis as the matrix rows (a layout\nsimulate_sample does not "
+          "use): the ceiling torch reaches for this regime on this machine.")
+    return fraction
+
+
+# ----------------------------------------------------------------------------- 2. loop speed-up
+
+def loop_case(n, d, s, p, steps, *, runs_timed=None, rounds=None):
+    """Batched call vs the per-run loop. ``runs_timed``: time only that many loop runs
+    (seed 0's configurations) and extrapolate; otherwise all runs, interleaved per seed."""
+    problem = make_problem(d, 2)
+    seeds = list(range(s))
+    data = sample_batch(problem, n, seeds)
+    ref = reference_weights(d)
+    grid_b, grid_l = np.meshgrid(np.geomspace(0.1, 1.0, 4), np.geomspace(0.05, 0.4, 4))
+    beta = np.resize(grid_b.ravel(), p)
+    lr = np.resize(grid_l.ravel(), p)
+    singles = [one_run(data, i) for i in range(s)]
+
+    def batch():
+        return simulate_sample(data, seeds=seeds, beta=beta, lr=lr, steps=steps, reference=ref,
+                               eval_every=steps)
+
+    def single(i, j):
+        return simulate_sample(singles[i], seeds=[seeds[i]], beta=float(beta[j]),
+                               lr=float(lr[j]), steps=steps, reference=ref, eval_every=steps)
+
+    single(0, 0)
+    simulate_sample(data, seeds=seeds, beta=beta, lr=lr, steps=2, reference=ref, eval_every=2)
+    if runs_timed is not None:
+        runs = [(0, j) for j in range(min(runs_timed, p))]
+        per_run, batch_t = [], []
+        for _ in range(rounds):
+            QUIET()
+            for i, j in runs:
+                t0 = now()
+                single(i, j)
+                per_run.append(now() - t0)
+            QUIET()
+            t0 = now()
+            batch()
+            batch_t.append(now() - t0)
+        loop_best = s * p * min(per_run)
+        loop_med = s * p * float(np.median(per_run))
+        return dict(loop_best=loop_best, loop_med=loop_med, batch_best=min(batch_t),
+                    batch_med=float(np.median(batch_t)), runs=s * p, steps=steps)
+
+    chunks, batch_t, finals, losses = [], [], {}, {}
+    result = None
+    for i in range(s):
+        QUIET()
+        t0 = now()
+        for j in range(p):
+            res = single(i, j)
+            finals[i, j] = res.final[0, 0]
+            losses[i, j] = res.per_behavior["loss"][:, 0, 0, :]
+        chunks.append(now() - t0)
+        QUIET()
+        t0 = now()
+        result = batch()
+        batch_t.append(now() - t0)
+    final_b = result.final  # (S, P, d)
+    diff = max(float((final_b[i, j] - finals[i, j]).abs().max()) for i, j in finals)
+    scale = float(final_b.abs().max())
+    loss_diff = max(float(np.abs(result.per_behavior["loss"][:, i, j, :] - losses[i, j]).max())
+                    for i, j in losses)
+    chunks = np.array(chunks)
+    return dict(loop_best=s * chunks.min(), loop_med=s * float(np.median(chunks)),
+                loop_total=float(chunks.sum()), batch_best=min(batch_t),
+                batch_med=float(np.median(batch_t)), runs=s * p, steps=steps,
+                diff=diff, scale=scale, loss_diff=loss_diff, data=data, ref=ref, beta=beta,
+                lr=lr, seeds=seeds, singles=singles)
+
+
+def profile_split(fn) -> dict:
+    """Self CPU time of the aten ops of one call, split into GEMM and the rest."""
+    from torch.profiler import ProfilerActivity, profile
+
+    QUIET()
+    sys.stderr.flush()
+    saved = os.dup(2)  # kineto prints profiler_start/stop lines on fd 2: keep them out
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            t0 = now()
+            fn()
+            wall = now() - t0
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+    gemm = other = 0.0
+    calls_gemm = calls_other = 0
+    per_op = {}
+    for ev in prof.key_averages():
+        if not ev.key.startswith("aten::"):
+            continue
+        us = ev.self_cpu_time_total
+        if us <= 0:
+            continue
+        per_op[ev.key] = per_op.get(ev.key, 0.0) + us
+        if ev.key in ("aten::bmm", "aten::mm", "aten::addmm", "aten::baddbmm", "aten::mv"):
+            gemm += us
+            calls_gemm += ev.count
+        else:
+            other += us
+            calls_other += ev.count
+    return dict(wall=wall, gemm=gemm * 1e-6, other=other * 1e-6, calls_gemm=calls_gemm,
+                calls_other=calls_other, per_op=per_op)
+
+
+def loop_section(quick: bool) -> float:
+    print("\n" + "-" * 78)
+    print("2. loop_speedup: one batched simulate_sample call vs a Python loop of per-run calls")
+    print("-" * 78)
+    # Headline: a parameter sweep of many small runs, the case batching is for
+    # (e.g. a phase diagram); the table below shows how the ratio falls as each
+    # run carries more arithmetic of its own.
+    if quick:
+        n, d, s, p, steps = 500, 16, 8, 8, 50
+    else:
+        n, d, s, p, steps = 500, 16, 32, 32, 200
+    print(f"Workload: {s} seeds x {p} configurations (beta x lr grid) = {s * p} runs, n={n}, "
+          f"d={d}, K=2, {steps} full-batch steps, eval_every={steps} (metrics at step 0 and the "
+          f"end).\nLoop: simulate_sample once per run on that seed's sample (S=1) with one "
+          f"(beta, lr). Rounds: per seed,\nthe {p} loop runs of that seed, then one batched call "
+          f"({s} rounds); loop estimate = {s} x (time of one seed's runs).")
+    r = loop_case(n, d, s, p, steps)
+    speed_best = r["loop_best"] / r["batch_best"]
+    speed_med = r["loop_med"] / r["batch_med"]
+    runs, st = r["runs"], r["steps"]
+    table("Loop vs batch",
+          ["", "loop", "batched", "speed-up"],
+          [["best of rounds", fmt_t(r["loop_best"]), fmt_t(r["batch_best"]), f"{speed_best:.1f}x"],
+           ["median of rounds", fmt_t(r["loop_med"]), fmt_t(r["batch_med"]), f"{speed_med:.1f}x"],
+           ["per run-step (best)", fmt_t(r["loop_best"] / runs / st),
+            fmt_t(r["batch_best"] / runs / st), ""]],
+          f"Loop wall time as run (all {runs} runs once): {r['loop_total']:.2f} s.")
+    print(f"Sanity, loop vs batch: max |Delta_loop - Delta_batch| = {r['diff']:.2e} "
+          f"(max |Delta| = {r['scale']:.2f}); max |loss difference| = {r['loss_diff']:.2e}.")
+
+    # Where the time goes: aten self time of one batched call and of one loop run.
+    pst = 10 if quick else 30
+    data, ref = r["data"], r["ref"]
+    pb = profile_split(lambda: simulate_sample(data, seeds=r["seeds"], beta=r["beta"],
+                                               lr=r["lr"], steps=pst, reference=ref,
+                                               eval_every=NEVER))
+    pl = profile_split(lambda: simulate_sample(r["singles"][0], seeds=[0], beta=0.5, lr=0.1,
+                                               steps=pst, reference=ref, eval_every=NEVER))
+    rows = []
+    for name, pr, nruns in (("batched", pb, runs), ("one loop run", pl, 1)):
+        rest = pr["wall"] - pr["gemm"] - pr["other"]
+        rows.append([name, fmt_t(pr["wall"] / pst), fmt_t(pr["gemm"] / pst),
+                     fmt_t(pr["other"] / pst), fmt_t(max(rest, 0) / pst),
+                     f"{(pr['calls_gemm'] + pr['calls_other']) / pst:.0f}",
+                     fmt_t(pr["wall"] / pst / nruns)])
+    table(f"Where the time goes (torch.profiler, {pst} steps, per step; profiler overhead "
+          "inflates small ops)",
+          ["call", "wall", "GEMM (bmm)", "other aten", "python+dispatch", "aten ops",
+           "per run-step"], rows,
+          "GEMM = aten::bmm/mm self time; other aten = elementwise ops, copies, setup and the "
+          "2 metric evaluations;\npython+dispatch = wall - aten self time.")
+    loop_step = r["loop_best"] / runs / st
+    gemm_step = pb["gemm"] / pst / runs
+    print(f"  Bound: even if the batched call cost only its GEMMs ({fmt_t(gemm_step).strip()} per "
+          f"run-step), the speed-up over the loop\n  ({fmt_t(loop_step).strip()} per run-step) "
+          f"would be {loop_step / gemm_step:.1f}x at this workload.")
+    top = sorted(pb["per_op"].items(), key=lambda kv: -kv[1])[:6]
+    print("  batched call, top aten ops by self time (per step): " + ", ".join(
+        f"{k[6:]} {fmt_t(v * 1e-6 / pst).strip()}" for k, v in top))
+    for key in ("data", "singles"):
+        del r[key]
+
+    # Other workloads (loop timed on seed 0's runs and extrapolated).
+    if quick:
+        others = [(500, 16, 4, 4, 30)]
+    else:
+        others = [(500, 16, 16, 16, 100), (1000, 32, 16, 16, 100), (2000, 32, 16, 16, 100),
+                  (2000, 32, 4, 64, 100)]
+    rows = []
+    for n2, d2, s2, p2, st2 in others:
+        o = loop_case(n2, d2, s2, p2, st2, runs_timed=min(p2, 16), rounds=2)
+        rows.append([n2, d2, f"{s2}x{p2}", st2, fmt_t(o["loop_best"] / o["runs"] / st2),
+                     fmt_t(o["batch_best"] / o["runs"] / st2),
+                     f"{o['loop_best'] / o['batch_best']:.1f}x",
+                     f"{o['loop_med'] / o['batch_med']:.1f}x"])
+    table("Speed-up across workloads (loop time extrapolated from seed 0's runs, 2 rounds)",
+          ["n", "d", "SxP", "steps", "loop/run-step", "batch/run-step", "best", "median"], rows)
+    print(f"\nHeadline: loop_speedup = {speed_best:.1f}x (best of rounds; target >= "
+          f"{TARGETS['loop_speedup']:.0f}x).")
+    return speed_best
+
+
+# ----------------------------------------------------------------------------- 3. flow vs sim
+
+def flow_parts(d: int, k: int, drift_steps: int, repeat: int) -> dict:
+    """Per-step drift, per-evaluation metrics and construction of the population flow."""
+    mix = population_mixture(make_problem(d, k))
+    ref = reference_weights(d)
+    QUIET()
+    t0 = now()
+    flow = PopulationFlow(mix, beta=0.5, reference=ref)
+    init = now() - t0
+    init = min(init, best_of(lambda: PopulationFlow(mix, beta=0.5, reference=ref), repeat - 1)
+               if repeat > 1 else init)
+    delta0 = torch.zeros(d, dtype=torch.float64)
+
+    def descend():
+        delta = delta0
+        for _ in range(drift_steps):
+            delta = delta + 0.5 * flow.drift(delta)
+        return delta
+
+    delta = descend()
+    QUIET()
+    drift = best_of(descend, repeat) / drift_steps
+    metrics = best_of(lambda: flow.metrics(delta), repeat)
+    return dict(init=init, drift=drift, metrics=metrics, components=len(mix.weights))
+
+
+_SAMPLES: dict = {}
+
+
+def sim_step(n: int, d: int, k: int, steps: int, repeat: int) -> float:
+    """Median time of one simulate_sample step (1 seed, 1 configuration), best of calls."""
+    if (n, d, k) not in _SAMPLES:
+        _SAMPLES[n, d, k] = sample_batch(make_problem(d, k), n, [0])
+    data = _SAMPLES[n, d, k]
+    ref = reference_weights(d)
+    out = []
+    for _ in range(repeat):
+        QUIET()
+        clock = StepClock()
+        simulate_sample(data, seeds=[0], beta=0.5, lr=0.5, steps=steps, reference=ref,
+                        eval_every=NEVER, progress=clock)
+        out.append(clock.median_step())
+    return min(out)
+
+
+def flow_section(quick: bool) -> float:
+    print("\n" + "-" * 78)
+    print("3. flow_vs_sim: population_descent vs simulate_sample on n = 100,000 samples")
+    print("-" * 78)
+    # Headline problem d = 128: below it the flow's step is bound by per-operation
+    # dispatch (~0.1 ms whatever the size), see the growth table for d = 16..256.
+    d, k, n = 128, 3, 100_000
+    steps = 50 if quick else 300
+    rounds = 2 if quick else 3
+    beta, lr = 0.5, 0.5
+    problem = make_problem(d, k)
+    mix = population_mixture(problem)
+    ref = reference_weights(d)
+    t0 = now()
+    data = sample_batch(problem, n, [0])
+    t_sample = now() - t0
+    probe = PopulationFlow(mix, beta=beta, reference=ref)
+    nodes = (f"adaptive projection quadrature ({probe.family.projection_rule(1.0)[0].size} nodes "
+             "per component near the reference)")
+    qmc = getattr(probe, "z", None)
+    qmc = f"qmc_points={qmc.shape[0]}" if qmc is not None else "QMC points"
+    print(f"Problem: K={k} isotropic behaviors (distinguishability 3, 2, 1; pairwise cos 0.3), "
+          f"d={d}, Gaussian, {len(mix.weights)} mixture components;\nbeta={beta}, lr={lr}, "
+          f"{steps} steps, 1 seed x 1 configuration. population_descent defaults: {nodes},\n"
+          f"{qmc} (the QMC part is in its metrics and construction only). The simulation's "
+          f"sample is drawn once\n(sample_batch: {t_sample:.2f} s, not in the simulation's time "
+          f"below).")
+
+    def sim(every, st=steps):
+        return simulate_sample(data, seeds=[0], beta=beta, lr=lr, steps=st, reference=ref,
+                               eval_every=every)
+
+    def flow(every, st=steps):
+        return population_descent(mix, beta=beta, lr=lr, steps=st, reference=ref,
+                                  eval_every=every)
+
+    sim(NEVER, 2)
+    flow(NEVER, 2)
+    clock = StepClock()
+    t_main = interleave({"sim": lambda: simulate_sample(
+        data, seeds=[0], beta=beta, lr=lr, steps=steps, reference=ref, eval_every=steps,
+        progress=clock), "flow": lambda: flow(steps)}, rounds)
+    sim_step_t = float(np.median(np.diff(clock.stamps[-steps:])))
+    every10 = 10
+    t_10 = interleave({"sim": lambda: sim(every10), "flow": lambda: flow(every10)},
+                      1 if quick else 2)
+    st1 = 10 if quick else 30
+    t_1 = interleave({"sim": lambda: sim(1, st1), "flow": lambda: flow(1, st1)},
+                     1 if quick else 2)
+    parts = flow_parts(d, k, 50 if quick else 200, 3)
+
+    res_s, res_f = sim(steps), flow(steps)
+    dsim = res_s.final[0, 0].double().numpy()
+    dflow = res_f.deltas[-1]
+    agree = np.linalg.norm(dsim - dflow) / np.linalg.norm(dflow)
+    loss_gap = np.abs(res_s.per_behavior["loss"][-1, 0, 0] - res_f.per_behavior["loss"][-1]).max()
+
+    ratio = t_main["sim"].min() / t_main["flow"].min()
+    rows = [
+        [f"eval_every={steps} (metrics at 0, {steps})", steps, fmt_t(t_main["sim"].min()),
+         fmt_t(t_main["flow"].min()), f"{ratio:.1f}x",
+         f"{np.median(t_main['sim']) / np.median(t_main['flow']):.1f}x"],
+        [f"eval_every={every10}", steps, fmt_t(t_10["sim"].min()), fmt_t(t_10["flow"].min()),
+         f"{t_10['sim'].min() / t_10['flow'].min():.1f}x", "-"],
+        ["eval_every=1", st1, fmt_t(t_1["sim"].min()), fmt_t(t_1["flow"].min()),
+         f"{t_1['sim'].min() / t_1['flow'].min():.1f}x", "-"],
+        [f"eval_every={steps}, sim incl. sampling", steps,
+         fmt_t(t_main["sim"].min() + t_sample), fmt_t(t_main["flow"].min()),
+         f"{(t_main['sim'].min() + t_sample) / t_main['flow'].min():.1f}x", "-"],
+    ]
+    table("Whole calls (simulate_sample on the drawn sample vs population_descent)",
+          ["", "steps", "sim (best)", "flow (best)", "sim/flow", "med/med"], rows)
+    table("Components (per step / per evaluation)",
+          ["part", "simulation n=1e5", "population flow"],
+          [["one training step", fmt_t(sim_step_t), fmt_t(parts["drift"]) + " (drift)"],
+           ["one metrics evaluation",
+            fmt_t(max(t_1["sim"].min() / (st1 + 1) - sim_step_t, 0)) + " (est.)",
+            fmt_t(parts["metrics"]) + " (QMC + closed forms)"],
+           ["setup", "(sample drawn: " + fmt_t(t_sample).strip() + ")",
+            fmt_t(parts["init"]) + " (PopulationFlow: QMC points)"],
+           ["step ratio sim/flow", f"{sim_step_t / parts['drift']:.1f}x", ""]],
+          "Simulation step: median interval of the progress hook; metrics estimate = "
+          "eval_every=1 call / (steps+1) - step.")
+    print(f"Agreement (sanity): ||Delta_sim - Delta_flow|| / ||Delta_flow|| = {agree:.2e} at "
+          f"step {steps}; max |loss_sim - loss_flow| = {loss_gap:.2e} (finite-sample noise).")
+
+    # Growth with n, d, K.
+    base_n, base_d, base_k = (10_000 if quick else 100_000), 64, 3
+    st, rep = (6, 1) if quick else (12, 2)
+    ns = [1_000, 10_000] if quick else [1_000, 10_000, 100_000]
+    ds = [16, 64] if quick else [16, 64, 256]
+    ks = [1, 3] if quick else [1, 3, 9]
+    fsteps, frep = (10, 2) if quick else (30, 2)
+    rows = []
+    base_flow = flow_parts(base_d, base_k, fsteps, frep)
+    groups = {}
+    for axis, values in (("n", ns), ("d", ds), ("K", ks)):
+        sims, drifts, mets, inits = [], [], [], []
+        for v in values:
+            nn, dd, kk = (v if axis == "n" else base_n, v if axis == "d" else base_d,
+                          v if axis == "K" else base_k)
+            s_t = sim_step(nn, dd, kk, st, rep)
+            fp = base_flow if (dd, kk) == (base_d, base_k) else flow_parts(dd, kk, fsteps, frep)
+            sims.append(s_t)
+            drifts.append(fp["drift"])
+            mets.append(fp["metrics"])
+            inits.append(fp["init"])
+            rows.append([axis, nn, dd, kk, fp["components"], fmt_t(s_t), fmt_t(fp["drift"]),
+                         fmt_t(fp["metrics"]), fmt_t(fp["init"]), f"{s_t / fp['drift']:.1f}x"])
+        groups[axis] = (values, sims, drifts, mets, inits)
+        rows.append([f"slope in {axis}", "", "", "", "", f"{slope(values, sims):+.2f}",
+                     f"{slope(values, drifts):+.2f}", f"{slope(values, mets):+.2f}",
+                     f"{slope(values, inits):+.2f}", ""])
+    table(f"Cost growth (base n={base_n}, d={base_d}, K={base_k}; 1 seed x 1 config; times per "
+          "step / per evaluation / per construction)",
+          ["vary", "n", "d", "K", "C", "sim step", "flow drift", "flow metrics", "flow init",
+           "step ratio"], rows,
+          "slope = fitted log-log exponent of the column against the varied quantity. The flow "
+          "does not take n: its\ncolumns repeat the base case. C = mixture components "
+          "(2 per behavior without label noise).")
+    print(f"\nHeadline: flow_vs_sim = {ratio:.1f}x at eval_every={steps} (best of rounds; "
+          f"target >= {TARGETS['flow_vs_sim']:.0f}x).")
+    return ratio
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fast smoke mode (< 30 s)")
+    parser.add_argument("--wait-budget", type=float, default=90.0, metavar="S",
+                        help="seconds the full mode may spend in total waiting for other "
+                             "processes to go quiet before timed tasks (default 90)")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    global QUIET
+    QUIET = Quiet(3.0, 0.5) if args.quick else Quiet(args.wait_budget, 10.0)
+    start = now()
+    contention = Contention()
+    env = machine(args.quick)
+    fraction = gemm_section(args.quick, env)
+    speedup = loop_section(args.quick)
+    ratio = flow_section(args.quick)
+    print("\n" + "=" * 78)
+    got = {"gemm_fraction": fraction, "loop_speedup": speedup, "flow_vs_sim": ratio}
+    for key, value in got.items():
+        status = "met" if value >= TARGETS[key] else "NOT met"
+        print(f"{key:14s} = {value:8.2f}   target >= {TARGETS[key]:g}: {status}")
+    print(f"total benchmark time {now() - start:.1f} s; {contention.report()};\n"
+          f"{QUIET.summary()}")
+    print(f"bench_dynamics: gemm_fraction={fraction:.2f} loop_speedup={speedup:.1f} "
+          f"flow_vs_sim={ratio:.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
