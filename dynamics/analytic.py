@@ -145,20 +145,22 @@ class PopulationFlow:
         spread = self.beta * max_sd
         return max(0, int(np.ceil(np.log2(max(spread, 1e-300) / self.panel_width))))
 
-    def _rule_np(self, max_sd: float) -> tuple[np.ndarray, ...]:
-        """``(y, p, p·q)`` of the projection rule at the level for ``max_sd``."""
-        level = self._level(max_sd)
+    def _rule_at(self, level: int) -> tuple[np.ndarray, ...]:
+        """``(y, p, p·q)`` of the projection rule with panels of ``2^-level``."""
         if level not in self._rules_np:
             y, p, q = self.family.projection_rule(2.0**-level)
             self._rules_np[level] = (y, p, p * q)
         return self._rules_np[level]
 
+    def _rule_np(self, max_sd: float) -> tuple[np.ndarray, ...]:
+        """The rule fine enough for the largest margin standard deviation ``max_sd``."""
+        return self._rule_at(self._level(max_sd))
+
     def _rule(self, sd: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The same rule as torch tensors, for margin standard deviations ``sd``."""
         level = self._level(float(sd.max()) if sd.numel() else 0.0)
         if level not in self._rules:
-            self._rules[level] = tuple(torch.as_tensor(a) for a in self._rule_np(
-                2.0**-level * self.panel_width / self.beta if level else 0.0))
+            self._rules[level] = tuple(torch.as_tensor(a) for a in self._rule_at(level))
         return self._rules[level]
 
     def _points_h(self, mean: torch.Tensor, var: torch.Tensor):
