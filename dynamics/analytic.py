@@ -115,16 +115,33 @@ class PopulationFlow:
             ("pi", mixture.weights), ("s", mixture.signs), ("mu", mixture.means),
             ("cov", mixture.covs))}
 
-        # QMC points z (M, d) of the family, and the reference log-partition
-        # pieces at g_cm = μ_c + L_c z_m: y0 = w0_Yesᵀg, n0 = w0_Noᵀg, rest.
-        unit = stats.qmc.Sobol(mixture.dim + 1, scramble=True, seed=qmc_seed).random(qmc_points)
-        unit = np.clip(unit, 1e-12, 1 - 1e-12)
-        self.z = t(self.family.standard_from_unit(unit))  # (M, d)
-        vals, vecs = torch.linalg.eigh(self.cov)
-        self.root = vecs * vals.clamp_min(0).sqrt()[:, None, :]  # (C, d, d): L Lᵀ = Σ
-        # W0 g_cm = W0 μ_c + (L_cᵀ W0ᵀ)ᵀ z_m, without materialising the points
-        logits0 = (self.mu @ self.w0.T)[:, None, :] + self.z @ (
-            self.root.transpose(1, 2) @ self.w0.T)  # (C, M, V)
+        # QMC points and the reference log-partition pieces at each point:
+        # y0 = w0_Yesᵀg, n0 = w0_Noᵀg, rest = logsumexp of the other logits.
+        vocab = self.w0.shape[0]
+        if self.exact:
+            # Scale mixtures: only the joint law of (W0 g, Δᵀg) matters, which
+            # given the scale w is Gaussian. With R_c R_cᵀ = W0 Σ_c W0ᵀ, draw
+            # W0 g = W0 μ_c + √w R_c u and, at each Δ, Δᵀg = Δᵀμ_c + √w (bᵀu + c e)
+            # with b = R_c⁺ W0 Σ_c Δ and c² = ΔᵀΣ_cΔ − ‖b‖² (the conditional
+            # law): V + 2 Sobol dimensions, whatever d is.
+            dims = vocab + 1
+            cross = self.w0 @ self.cov  # (C, V, d): W0 Σ_c
+            vals, vecs = torch.linalg.eigh(cross @ self.w0.T)  # W0 Σ_c W0ᵀ
+            roots = vals.clamp_min(0).sqrt()
+            self.root = vecs * roots[:, None, :]  # (C, V, V)
+            inverse = torch.where(roots > 1e-12 * roots.amax(-1, keepdim=True).clamp_min(1e-300),
+                                  1 / roots.clamp_min(1e-300), torch.zeros_like(roots))
+            self.explain = (vecs * inverse[:, None, :]).transpose(1, 2) @ cross  # R⁺ W0 Σ_c
+        else:
+            dims = mixture.dim  # uniform: points g = μ_c + L_c z in full dimension
+            vals, vecs = torch.linalg.eigh(self.cov)
+            self.root = vecs * vals.clamp_min(0).sqrt()[:, None, :]  # (C, d, d): L Lᵀ = Σ
+        unit = stats.qmc.Sobol(dims + 1, scramble=True, seed=qmc_seed).random(qmc_points)
+        self.z = t(self.family.standard_from_unit(np.clip(unit, 1e-12, 1 - 1e-12)))  # (M, dims)
+        # W0 g_cm = W0 μ_c + (root_c z_m)[:V] (exact) or W0 L_c z_m (uniform)
+        mixing = self.root if self.exact else self.w0 @ self.root  # (C, V, ·)
+        logits0 = (self.mu @ self.w0.T)[:, None, :] + self.z[:, :mixing.shape[-1]] @ (
+            mixing.transpose(1, 2))  # (C, M, V)
         self.y0, self.n0 = logits0[..., YES], logits0[..., NO]  # (C, M)
         others = torch.ones(self.w0.shape[0], dtype=torch.bool)
         others[[YES, NO]] = False
@@ -134,7 +151,13 @@ class PopulationFlow:
 
     # ---------------------------------------------------------------- projections
     def _project(self, v: torch.Tensor) -> torch.Tensor:
-        """``vᵀg`` at every QMC point of every component, shape ``(C, M)``."""
+        """``vᵀg`` at every QMC point of every component, shape ``(C, M)``, jointly
+        with the reference logits at those points."""
+        if self.exact:
+            b = self.explain @ v  # (C, V)
+            c = ((self.cov @ v) @ v - (b * b).sum(-1)).clamp_min(0).sqrt()  # (C,)
+            vocab = b.shape[1]
+            return (self.mu @ v)[:, None] + b @ self.z[:, :vocab].T + c[:, None] * self.z[:, vocab]
         # vᵀg = vᵀμ_c + (L_cᵀv)ᵀz
         return self.mu @ v[:, None] + (self.z @ (self.root.transpose(1, 2) @ v).T).T
 
