@@ -372,8 +372,8 @@ def gemm_section(quick: bool, env: dict) -> float:
           "Bytes counted: X read twice per step (forward and backward), 2*S*n*d*4 B; "
           "FLOPs = 4*S*n*d per step\n(2 FLOPs per 4 bytes). Copy bandwidth counts bytes read "
           "+ written, measured in the same rounds.\nThe 'runs as rows' line computes the same "
-          "products with the run axis as the matrix rows (a layout\nsimulate_sample does not "
-          "use): the ceiling torch reaches for this regime on this machine.")
+          "products with the run axis as the matrix rows (the layout\nsimulate_sample uses) and "
+          "nothing else: the ceiling torch reaches for this regime on this machine.")
     return fraction
 
 

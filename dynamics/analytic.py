@@ -213,8 +213,8 @@ class PopulationFlow:
         sd = np.sqrt(np.maximum(cov_delta @ delta, 0.0))  # (C,)
         y, p, pq = self._rule_np(float(sd.max()))
         points = (a["s"] * (a["mu"] @ delta))[:, None] + sd[:, None] * y  # (C, J)
-        first, second = self.objective.derivatives(torch.from_numpy(points), self.beta)
-        e1, e2 = first.numpy() @ p, second.numpy() @ pq  # E[ℓ'(h_c)], E[w ℓ''(h_c)]
+        first, second = self.objective.derivatives(points, self.beta)  # NumPy in, NumPy out
+        e1, e2 = first @ p, second @ pq  # E[ℓ'(h_c)], E[w ℓ''(h_c)]
         return -2.0 * ((a["pi"] * a["s"] * e1) @ a["mu"] + (a["pi"] * e2) @ cov_delta)
 
     def metrics(self, delta: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from scipy import special
 
 from synthetic.validation import check_choice, check_number
 
@@ -57,20 +58,26 @@ def dpo_margin_loss(h: torch.Tensor, *, beta: float) -> torch.Tensor:
     return -F.logsigmoid(beta * h)
 
 
-def _dpo_grad(h: torch.Tensor, beta) -> torch.Tensor:
+def _sigmoid(x):
+    """σ for torch tensors and NumPy arrays alike (the population drift runs in
+    NumPy, the simulation in torch; the derivative formulas are written once)."""
+    return torch.sigmoid(x) if isinstance(x, torch.Tensor) else special.expit(x)
+
+
+def _dpo_grad(h, beta):
     # dℓ/dh = −β σ(−βh)
-    return -beta * torch.sigmoid(-beta * h)
+    return -beta * _sigmoid(-beta * h)
 
 
-def _dpo_hess(h: torch.Tensor, beta) -> torch.Tensor:
+def _dpo_hess(h, beta):
     # d²ℓ/dh² = β² σ(βh) σ(−βh)
     z = beta * h
-    return beta**2 * torch.sigmoid(z) * torch.sigmoid(-z)
+    return beta**2 * _sigmoid(z) * _sigmoid(-z)
 
 
-def _dpo_both(h: torch.Tensor, beta):
+def _dpo_both(h, beta):
     # one sigmoid for both: with q = σ(−βh), ℓ' = −βq and ℓ'' = β² q (1 − q)
-    q = torch.sigmoid(-beta * h)
+    q = _sigmoid(-beta * h)
     first = -beta * q
     return first, first * (q - 1) * beta
 
@@ -82,8 +89,8 @@ class Objective:
 
     name: str
     loss: Callable[..., torch.Tensor]  # ℓ(h, beta), elementwise
-    grad: Callable[..., torch.Tensor]  # ℓ'(h, beta)
-    hess: Callable[..., torch.Tensor]  # ℓ''(h, beta)
+    grad: Callable[..., torch.Tensor]  # ℓ'(h, beta); also takes NumPy arrays
+    hess: Callable[..., torch.Tensor]  # ℓ''(h, beta); also takes NumPy arrays
     formula: str
     source: str
     both: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None  # (ℓ', ℓ'') at once
