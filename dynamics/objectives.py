@@ -94,6 +94,12 @@ class Objective:
     formula: str
     source: str
     both: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None  # (ℓ', ℓ'') at once
+    # Optional "logit form" for the simulation's hot path: ℓ'(h) = outer(β)·inner_(inner_scale(β)·h),
+    # with inner_ applied in place. The simulation then carries Φ = inner_scale(β)·Δ so that the
+    # margin product yields inner_'s argument directly and a step makes two elementwise passes.
+    inner_scale: Callable | None = None
+    inner_: Callable[[torch.Tensor], torch.Tensor] | None = None
+    outer: Callable | None = None
 
     def derivatives(self, h: torch.Tensor, beta) -> tuple[torch.Tensor, torch.Tensor]:
         """``(ℓ'(h), ℓ''(h))``, sharing work where the objective allows it."""
@@ -113,6 +119,9 @@ OBJECTIVES: dict[str, Objective] = {
             "−log σ(βh)",
             "Rafailov et al. 2023, eq. 7",
             _dpo_both,
+            inner_scale=lambda beta: -beta,  # ℓ'(h) = −β · σ(−βh)
+            inner_=torch.Tensor.sigmoid_,
+            outer=lambda beta: -beta,
         ),
     )
 }

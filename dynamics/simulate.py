@@ -169,13 +169,28 @@ def simulate_sample(
     norms, kept = [], []
     beta_col = beta_t[:, None]  # (P, 1) broadcasts against (S, P, n)
 
-    batches = _BatchStream(seeds, n, batch_size, device) if batch_size else None
-    # Δ += r xs with r = −2·lr·ℓ'(h)/B: gradient descent with step lr on W.
+    # The step Δ += r xs with r = −2·lr·ℓ'(h)/B is gradient descent with step lr
+    # on W. With the objective's logit form ℓ'(h) = outer(β)·inner_(b·h), b =
+    # inner_scale(β), the loop carries Φ = bΔ instead: Φ xsᵀ is inner_'s
+    # argument, and Φ += b·(−2 lr/B)·outer(β)·inner_(Φ xsᵀ) xs (two passes).
     scale = (-2.0 / (batch_size or n)) * lr_t[:, None]  # (P, 1)
+    if obj.inner_ is not None:
+        to_param = obj.inner_scale(beta_col)  # (P, 1): Φ = to_param · Δ
+        coef = to_param * scale * obj.outer(beta_col)
+        step_r = obj.inner_
+    else:
+        to_param = torch.ones_like(beta_col)
+        coef = scale
+        step_r = lambda h: obj.grad(h, beta_col)  # noqa: E731
+    param = delta * to_param
+
+    batches = _BatchStream(seeds, n, batch_size, device) if batch_size else None
     for k in range(steps + 1):
-        h_full = None
+        w_full = None
         if k in wanted:
-            h_full = delta @ xs.transpose(1, 2)  # (S, P, n): margins of every sample
+            w_full = param @ xs.transpose(1, 2)  # (S, P, n)
+            delta = param / to_param
+            h_full = w_full / to_param  # margins of every sample
             for name, value in _sample_metrics(h_full, s, rank0, rest, y0, n0, logz0, obj,
                                                beta_col).items():
                 store[name].append(value @ share)  # (S, P, K)
@@ -186,12 +201,12 @@ def simulate_sample(
             break
         if batches is None:
             xb = xs
-            h = h_full if h_full is not None else delta @ xs.transpose(1, 2)
+            w = w_full if w_full is not None else param @ xs.transpose(1, 2)
         else:
             idx = batches.next()  # (S, B)
             xb = xs[torch.arange(num_seeds, device=device)[:, None], idx]  # (S, B, d)
-            h = delta @ xb.transpose(1, 2)  # (S, P, B)
-        delta = torch.baddbmm(delta, obj.grad(h, beta_col).mul_(scale), xb)
+            w = param @ xb.transpose(1, 2)  # (S, P, B)
+        param = torch.baddbmm(param, step_r(w).mul_(coef), xb)  # w is consumed
         if progress is not None:
             progress(k + 1)
 
@@ -201,7 +216,7 @@ def simulate_sample(
     return SimulationResult(
         steps=record, seeds=list(seeds), beta=beta_np, lr=lr_np, names=tuple(data.names),
         per_behavior=per_behavior, weight_change=torch.stack(norms).cpu().double().numpy(),
-        final=delta, deltas=deltas,
+        final=param / to_param, deltas=deltas,
     )
 
 
