@@ -11,6 +11,7 @@ removed, and ``metrics.parquet`` is only ever replaced whole.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from importlib import resources
@@ -101,6 +102,11 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("prefdyn: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # stdout closed early (e.g. `prefdyn demo | head`): stop quietly, and keep
+        # Python from raising again when it flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -167,3 +167,15 @@ def test_demo_config_is_valid_and_distinguishabilities_differ():
     problem = build_problem(load_config(None, text=demo_config_text()))
     deltas = sorted(b.distinguishability for b in problem.behaviors)
     assert len(deltas) == 3 and len(set(deltas)) == 3
+
+
+def test_closed_stdout_ends_quietly(config_file, tmp_path):
+    """`prefdyn run ... | head -0`: no traceback when the reader goes away."""
+    proc = subprocess.Popen([sys.executable, "-m", "dynamics.cli", "run", str(config_file),
+                             "--out", str(tmp_path / "o")],  # not quiet: it prints at the end
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before anything is printed
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=300)
+    assert "Traceback" not in err, err
+    assert (tmp_path / "o" / "metrics.parquet").exists()
