@@ -177,3 +177,26 @@ def test_minibatch_sgd_follows_the_documented_index_stream(data, w0, batch_size)
     if batch_size < n:  # a different stream would give a different path
         full = simulate_sample(data, seeds=SEEDS, beta=beta, lr=lr, steps=steps, reference=w0)
         assert not torch.allclose(full.final, result.final)
+
+
+def test_logit_form_and_plain_gradient_paths_train_identically(monkeypatch):
+    """DPO's logit form (the simulation carries Φ = −βΔ) against the plain path
+    that applies ℓ' to the margins, on the same float64 data, full batch and SGD."""
+    from dataclasses import replace
+
+    from dynamics import objectives
+
+    plain = replace(objectives.OBJECTIVES["dpo"], name="dpo_plain", inner_scale=None,
+                    inner_=None, outer=None)
+    monkeypatch.setitem(objectives.OBJECTIVES, "dpo_plain", plain)
+    problem = Problem((isotropic("a", 4, 2.0), isotropic("b", 4, 1.0, direction=[0, 1, 0, 0])))
+    data = sample_batch(problem, 60, [3, 4], dtype=torch.float64)
+    w0 = reference_weights(4, vocab_size=3, seed=1)
+    for batch_size in (None, 16):
+        runs = [simulate_sample(data, seeds=[3, 4], beta=[0.5, 2.0], lr=[0.3, 0.1], steps=25,
+                                reference=w0, objective=name, batch_size=batch_size,
+                                keep_deltas=True)
+                for name in ("dpo", "dpo_plain")]
+        assert_close(runs[0].deltas, runs[1].deltas, CLOSED_FORM)
+        for metric in runs[0].per_behavior:
+            assert_close(runs[0].per_behavior[metric], runs[1].per_behavior[metric], CLOSED_FORM)
