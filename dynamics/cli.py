@@ -6,6 +6,9 @@
                   [--seeds 0:8] [--set K=V] [--jobs N] [--scheduler tcp://HOST:PORT]
     prefdyn sweep --status DIR
     prefdyn figures [DIR ...] --out FIGDIR [--remake NAME|all] [--runs RUNSDIR]
+    prefdyn probe NAME --behaviors A,B,...|all --out DIR [--persona-dir DIR] [--model PATH]
+                  [--device auto|cpu|cuda] [--max-statements N] [--seed S] [--quiet]
+                  [options of NAME]    (real-LLM probes, see llm_probes/cli.py)
 
 Bad input (a config key, a value, a file) ends with a one-line
 ``prefdyn: error: ...`` on stderr and exit code 2; nothing already written is
@@ -195,6 +198,12 @@ def _parser() -> argparse.ArgumentParser:
     figures.add_argument("--jobs", type=int, help="local worker processes for --remake")
     figures.add_argument("--quiet", action="store_true", help="no progress bars")
     figures.set_defaults(func=_figures)
+
+    # Real-LLM probes: llm_probes.cli imports only the standard library here, and a
+    # probe's module (torch, transformers) only once that probe is parsed.
+    from llm_probes.cli import add_probe_parser
+
+    add_probe_parser(sub)
     return parser
 
 

