@@ -1,0 +1,133 @@
+"""Misalignment of the real model: DPO on flipped preferences (THEORY.md §4.4).
+
+Two runs train on the same statements with chosen and rejected swapped, so every
+metric is against the *flipped* labels (the ranking accuracy is the misalignment
+rate):
+
+- ``start = "base"``: from the base model;
+- ``start = "aligned"``: from the model first aligned by ``--align-steps`` of DPO on
+  the original preferences (:func:`llm_probes.finetune.train_dpo`, the same options);
+  step 0 of its flipped phase is the aligned model.
+
+The reference ``π_0`` of both phases is the base model (log-probabilities computed
+once), as in the last-layer experiment (:mod:`dynamics.experiment`): the aligned
+model therefore starts the flipped phase with negative margins and a loss above
+log 2. Im & Li report that the aligned model is misaligned faster; this probe
+measures it on a real model, where full or LoRA training also moves the features
+``g(x)`` (their distinguishability at base, aligned, and after each flipped run is in
+``misalignment_features.parquet``).
+
+Writes ``misalignment.parquet`` (rows: start × phase × source × step × behavior, the
+metrics of :data:`llm_probes.finetune.METRICS`; phase ``align`` holds the aligning
+run), ``misalignment_features.parquet``, ``misalignment_run.json`` and the figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from llm_probes.finetune import (
+    add_training_arguments, config_from_args, evaluate, feature_statistics, peak_memory,
+    policy_from_args, preference_data, release_policy, reset_peak_memory, train_dpo,
+    write_json, write_parquet,
+)
+from synthetic.validation import check_integer
+
+__all__ = ["add_arguments", "run", "STARTS"]
+
+STARTS = ("base", "aligned")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``prefdyn probe misalignment``."""
+    add_training_arguments(parser, steps=20, title="DPO training (both phases)")
+    parser.add_argument("--align-steps", type=int, default=20,
+                        help="steps of DPO on the original preferences before the flipped "
+                        "phase of the aligned start (default: 20)")
+    parser.add_argument("--no-figure", action="store_true", help="write no figure")
+
+
+def run(ctx) -> list[Path]:
+    """``prefdyn probe misalignment``: flipped-preference DPO from the base and from
+    the aligned model. Trains ``ctx.model`` in place for the aligned start (after a
+    full run the context drops the model; LoRA adapters are removed)."""
+    args = ctx.args
+    check_integer("--align-steps", args.align_steps, ge=1)
+    config = config_from_args(args, ctx.seed)
+    align_config = config_from_args(args, ctx.seed, steps=args.align_steps)
+    loaded = ctx.model
+    data = preference_data(loaded, ctx.statements, prompt_format=args.prompt_format,
+                           completion=args.completion)
+    flipped = data.flipped()
+    everything = np.arange(len(data.prompts))
+    batch = config.eval_batch_size
+    base = evaluate(loaded.model, data, everything, batch_size=batch, hidden=True)
+    ref = base.logps
+    hidden = {"base": base.hidden}
+    frames = []
+    seconds = {}
+    reset_peak_memory(loaded.device)
+    full = args.method == "full"
+    try:
+        # 1. from the base model (a copy under full training: the base is needed again)
+        clock = time.perf_counter()
+        policy = policy_from_args(loaded, args, copy_model=full)
+        try:
+            frame = train_dpo(policy, flipped, ref, config, start=ref, phase="flip",
+                              progress=ctx.progress)
+            hidden["flipped from base"] = evaluate(policy, data, everything, batch_size=batch,
+                                                   hidden=True).hidden
+        finally:
+            release_policy(policy)
+            del policy
+        frames.append(frame.assign(start="base"))
+        seconds["base"] = time.perf_counter() - clock
+        # 2. align on the original preferences, then flip (same adapters / weights)
+        clock = time.perf_counter()
+        policy = policy_from_args(loaded, args, copy_model=False)
+        try:
+            frames.append(train_dpo(policy, data, ref, align_config, start=ref, phase="align",
+                                    progress=ctx.progress).assign(start="aligned"))
+            hidden["aligned"] = evaluate(policy, data, everything, batch_size=batch,
+                                         hidden=True).hidden
+            frames.append(train_dpo(policy, flipped, ref, config, phase="flip",
+                                    progress=ctx.progress).assign(start="aligned"))
+            hidden["flipped from aligned"] = evaluate(policy, data, everything,
+                                                      batch_size=batch, hidden=True).hidden
+        finally:
+            release_policy(policy)
+            del policy
+            if full and hasattr(ctx, "_model"):
+                ctx._model = None  # trained in place: a later access reloads the base model
+        seconds["aligned"] = time.perf_counter() - clock
+    finally:
+        memory = peak_memory(loaded.device)
+    frame = pd.concat(frames, ignore_index=True)
+    frame["start"] = pd.Categorical(frame["start"], categories=list(STARTS))
+    frame["phase"] = pd.Categorical(frame["phase"], categories=["align", "flip"])
+    frame.insert(0, "method", args.method)
+    frame.insert(1, "completion", args.completion)
+    frame["optimizer"], frame["lr"], frame["beta"] = config.optimizer, config.lr, config.beta
+    frame["align_steps"] = args.align_steps
+    signs = data.signs.numpy()
+    stages = list(hidden)
+    features = pd.concat([feature_statistics(h, signs, data.codes, data.names, stage=stage)
+                          for stage, h in hidden.items()], ignore_index=True)
+    features["stage"] = pd.Categorical(features["stage"], categories=stages)
+    out = Path(ctx.out)
+    files = [write_parquet(out / "misalignment.parquet", frame),
+             write_parquet(out / "misalignment_features.parquet", features),
+             write_json(out / "misalignment_run.json", {
+                 "method": args.method, "completion": args.completion,
+                 "config": config.__dict__, "align_steps": args.align_steps,
+                 "reference": "base model (both phases)", "seconds": seconds, **memory})]
+    if not getattr(args, "no_figure", False):
+        from figures.probe_misalignment import plot
+
+        files.extend(plot(out))
+    return files
