@@ -29,7 +29,7 @@ from synthetic.validation import ParameterError, check_integer
 __all__ = ["PROBES", "PROBE_HELP", "ProbeContext", "add_probe_parser", "parse_behaviors",
            "run_probe", "write_atomic"]
 
-PROBES: dict[str, str] = {
+PROBES: dict[str, str] = {  # a module may also define check(args): validate, write nothing
     "features": "llm_probes.features",
     "last-layer": "llm_probes.last_layer",
     "finetune": "llm_probes.finetune",
@@ -207,6 +207,8 @@ def run_probe(args: argparse.Namespace) -> int:
     """Entry point of ``prefdyn probe NAME`` (``args.func``); returns the exit code."""
     module = importlib.import_module(PROBES[args.probe])
     ctx = build_context(args)
+    if hasattr(module, "check"):  # the probe's own options, before anything is written
+        module.check(args)
     ctx.out.mkdir(parents=True, exist_ok=True)
     if ctx.progress:
         print(f"probe {args.probe}: {len(ctx.statements)} statements of "

@@ -64,7 +64,7 @@ from llm_probes.finetune import (
 )
 from synthetic.validation import check_integer
 
-__all__ = ["add_arguments", "run", "ches_scores", "answer_states", "token_gains",
+__all__ = ["add_arguments", "check", "run", "ches_scores", "answer_states", "token_gains",
            "trajectory_table", "ches_table", "TOP_TOKENS"]
 
 TOP_TOKENS = 20
@@ -213,6 +213,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="largest per-statement probability increases counted per "
                         "token (default: 10)")
     parser.add_argument("--no-figure", action="store_true", help="write no figure")
+
+
+def check(args) -> None:
+    """Validate the options (one-line ParameterError naming the option)."""
+    from llm_probes.finetune import check as check_training
+
+    check_integer("--top-k", args.top_k, ge=1)
+    check_training(args)
 
 
 def run(ctx) -> list[Path]:

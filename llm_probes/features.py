@@ -37,7 +37,7 @@ from synthetic.statistics import behavior_statistics
 from synthetic.validation import ParameterError, check_integer
 
 __all__ = ["extract_features", "statement_features", "check_lm_head", "feature_key",
-           "feature_statistics", "answer_rows", "add_arguments", "add_feature_arguments",
+           "feature_statistics", "answer_rows", "add_arguments", "add_feature_arguments", "check",
            "run", "CHUNK_SIZE", "CACHE_VERSION"]
 
 CHUNK_SIZE = 256
@@ -358,6 +358,12 @@ def add_arguments(parser) -> None:
                         f"the model's logits (default: {LM_HEAD_STATEMENTS})")
 
 
+def check(args) -> None:
+    """Validate the probe's options (one-line ParameterError naming the option)."""
+    check_integer("--batch-size", args.batch_size, ge=1)
+    check_integer("--check-statements", args.check_statements, ge=1)
+
+
 def run(ctx) -> list[Path]:
     """Features of every statement (cached), the lm_head check, per-behavior
     statistics: ``features_stats.parquet`` (one row per behavior),
@@ -366,8 +372,7 @@ def run(ctx) -> list[Path]:
     from llm_probes.cli import write_atomic
 
     args = ctx.args
-    check_integer("--batch-size", args.batch_size, ge=1)
-    check_integer("--check-statements", args.check_statements, ge=1)
+    check(args)
     loaded = ctx.model
     start = time.perf_counter()
     features = statement_features(loaded, ctx.statements, prompt_format=args.prompt_format,

@@ -68,7 +68,7 @@ __all__ = [
     "encode_prompts", "preference_data", "answer_logps", "full_sequence_logps",
     "chosen_rejected", "evaluate", "statement_metrics", "behavior_rows", "prepare_policy",
     "release_policy", "train_dpo", "feature_statistics", "peak_memory", "reset_peak_memory",
-    "add_training_arguments", "train_config", "add_arguments", "run",
+    "add_training_arguments", "train_config", "add_arguments", "check", "run",
 ]
 
 COMPLETIONS: dict[str, str] = {
@@ -735,6 +735,14 @@ def write_json(path: Path, record: dict) -> Path:
 
     return write_atomic(path, lambda p: Path(p).write_text(json.dumps(record, indent=2,
                                                                       default=str) + "\n"))
+
+
+def check(args) -> None:
+    """Validate the training options (one-line ParameterError naming the option)."""
+    config_from_args(args, args.seed)
+    check_integer("--lora-rank", args.lora_rank, ge=1)
+    if args.lora_alpha is not None:
+        check_number("--lora-alpha", args.lora_alpha, gt=0)
 
 
 def run(ctx) -> list[Path]:

@@ -72,7 +72,7 @@ from synthetic.validation import ParameterError, check_integer, check_number
 
 __all__ = ["train", "predict", "RowRanking", "reference_rows", "stability_limit", "curves_frame",
            "speed_table", "spearman_ci", "rank_correlations", "priority_table",
-           "add_arguments", "run", "SPEEDS", "PRIMARY_SPEED", "LOGITS_BUDGET"]
+           "add_arguments", "check", "run", "SPEEDS", "PRIMARY_SPEED", "LOGITS_BUDGET"]
 
 LOGITS_BUDGET = 2 * 2**30
 """Bytes the reference logits of one measured run may take (float64, two copies)."""
@@ -309,7 +309,8 @@ def add_arguments(parser) -> None:
                        help="bootstrap resamples of behaviors for the CI of ρ (default: 2000)")
 
 
-def _check(args) -> None:
+def check(args) -> None:
+    """Validate the probe's options (one-line ParameterError naming the option)."""
     check_number("--beta", args.beta, gt=0)
     check_number("--lr", args.lr, gt=0)
     check_integer("--steps", args.steps, ge=1)
@@ -351,7 +352,7 @@ def run(ctx) -> list[Path]:
     from llm_probes.features import answer_rows, statement_features
 
     args = ctx.args
-    _check(args)
+    check(args)
     loaded = ctx.model
     start = time.perf_counter()
     features = statement_features(loaded, ctx.statements, prompt_format=args.prompt_format,

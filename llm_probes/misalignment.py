@@ -38,7 +38,7 @@ from llm_probes.finetune import (
 )
 from synthetic.validation import check_integer
 
-__all__ = ["add_arguments", "run", "STARTS"]
+__all__ = ["add_arguments", "check", "run", "STARTS"]
 
 STARTS = ("base", "aligned")
 
@@ -50,6 +50,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="steps of DPO on the original preferences before the flipped "
                         "phase of the aligned start (default: 20)")
     parser.add_argument("--no-figure", action="store_true", help="write no figure")
+
+
+def check(args) -> None:
+    """Validate the options (one-line ParameterError naming the option)."""
+    from llm_probes.finetune import check as check_training
+
+    check_integer("--align-steps", args.align_steps, ge=1)
+    check_training(args)
 
 
 def run(ctx) -> list[Path]:

@@ -111,6 +111,28 @@ def test_cli_bad_input_is_one_line_and_exit_2(persona_root, tmp_path, capsys):  
     assert "invalid choice: 'featurez'" in capsys.readouterr().err
 
 
+@pytest.mark.cli
+@pytest.mark.parametrize("probe, option, value, rule", [
+    ("finetune", "--lr", "-1", "> 0"),
+    ("finetune", "--steps", "0", ">= 1"),
+    ("misalignment", "--align-steps", "0", ">= 1"),
+    ("displacement", "--top-k", "0", ">= 1"),
+    ("last-layer", "--beta", "0", "> 0"),
+    ("features", "--max-statements", "2", ">= 4"),
+])
+def test_cli_bad_probe_option(persona_root, tmp_path, capsys, probe, option, value,  # noqa: F811
+                              rule):
+    """A bad option value: one line naming the option, the value and the rule, exit 2,
+    before any model is loaded, nothing written."""
+    out = tmp_path / "out"
+    assert _prefdyn("probe", probe, "--behaviors", "agreeableness", "--out", out,
+                    "--persona-dir", persona_root, option, value) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"prefdyn: error: {option}") and "\n" not in err
+    assert value in err and rule in err
+    assert not out.exists() or not any(out.iterdir())
+
+
 # ------------------------------------------------------------------- the real model
 @pytest.fixture(scope="module")
 def statements(persona_root):  # noqa: F811
@@ -191,6 +213,37 @@ def test_cache_is_reused_and_a_deleted_chunk_is_recomputed(
     assert counter.prompts == CHUNK  # only the missing chunk was computed
     assert victim.exists()
     assert torch.equal(completed, first)  # same chunk, same batch: bit-identical
+
+
+@pytest.mark.llm
+def test_an_interrupted_extraction_keeps_its_finished_chunks(
+        loaded_model, statements, features, tmp_path, monkeypatch):  # noqa: F811
+    """Ctrl-C during the third chunk: the two finished chunks stay on disk, nothing
+    half-written is left, and the same call again computes only what is missing."""
+    import llm_probes.model as api
+    from llm_probes.features import extract_features, feature_key
+
+    subset = statements.iloc[:CACHE_STATEMENTS]
+    counter = _Counter(api.final_hidden)
+
+    def interrupted(loaded, input_ids, *args, **kwargs):
+        if counter.prompts >= 2 * CHUNK:
+            raise KeyboardInterrupt
+        return counter(loaded, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(api, "final_hidden", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        extract_features(loaded_model, subset, cache_dir=tmp_path, progress=False,
+                         chunk_size=CHUNK, batch_size=CHUNK)
+    directory = tmp_path / feature_key(loaded_model, list(subset["question"]), "chat")
+    assert len(list(directory.glob("chunk-*.npy"))) == 2
+    assert not list(directory.glob(".*tmp"))
+    monkeypatch.setattr(api, "final_hidden", counter)
+    resumed = extract_features(loaded_model, subset, cache_dir=tmp_path, progress=False,
+                               chunk_size=CHUNK, batch_size=CHUNK)
+    assert counter.prompts == CACHE_STATEMENTS  # 2 chunks before, the rest now
+    assert_close(resumed, features[:CACHE_STATEMENTS], LEFT_PADDING,
+                 scale=features[:CACHE_STATEMENTS].abs().max())
 
 
 @pytest.mark.llm
