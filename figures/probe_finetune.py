@@ -1,7 +1,7 @@
 """Figure of the ``finetune`` probe: full or LoRA DPO of a real LLM.
 
 Left and middle: the DPO loss and the ranking accuracy of every behavior against
-``t = lr · step`` on all train statements (solid), with the test statements at the
+step on all train statements (solid), with the test statements at the
 first and last step (markers) and the implicit-reward accuracy (thin dashed). Right:
 the distinguishability ``‖μ̂⁺ − μ̂⁻‖`` of the features ``g(x)`` (train statements)
 before and after training, per behavior. A function of the stored tables
@@ -36,13 +36,13 @@ def draw(frame: pd.DataFrame, features: pd.DataFrame, path: str | Path, *,
                               (axes[1], "accuracy", "ranking accuracy")):
         for name in names:
             curve = train[train["behavior"] == name]
-            ax.plot(curve["t"], curve[metric], color=colours[name], lw=1.4, label=name)
+            ax.plot(curve["step"], curve[metric], color=colours[name], lw=1.4, label=name)
             held = test[test["behavior"] == name]
-            ax.plot(held["t"], held[metric], "o", color=colours[name], ms=5, mfc="white")
+            ax.plot(held["step"], held[metric], "o", color=colours[name], ms=5, mfc="white")
             if metric == "accuracy":
-                ax.plot(curve["t"], curve["reward_accuracy"], color=colours[name], lw=0.8,
+                ax.plot(curve["step"], curve["reward_accuracy"], color=colours[name], lw=0.8,
                         ls="--")
-        ax.set_xlabel("t = lr · step")
+        ax.set_xlabel("step")
         ax.set_ylabel(label)
     axes[0].axhline(np.log(2), color="0.5", lw=0.8, ls=":")
     axes[0].plot([], [], "o", color="0.3", mfc="white", label="test statements")

