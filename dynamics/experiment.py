@@ -32,8 +32,8 @@ from dynamics.simulate import simulate_sample
 from synthetic.mixture import empirical_mixture, population_mixture
 from synthetic.sampling import sample_batch
 
-__all__ = ["BOUND_COLUMNS", "environment", "resolve_device", "run_experiment", "summary_table",
-           "write_run"]
+__all__ = ["BOUND_COLUMNS", "atomic_write", "environment", "resolve_device", "run_experiment",
+           "summary_table", "write_run"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -183,7 +183,7 @@ def environment(device: str) -> dict:
     }
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     """Write through a temporary file in the same directory, then rename."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -200,9 +200,9 @@ def write_run(out: str | Path, config: dict, frame: pd.DataFrame) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     env = environment(config["train"]["device"])
-    _atomic_write(out / "config.toml", lambda p: Path(p).write_text(dump_config(config)))
-    _atomic_write(out / "env.json", lambda p: Path(p).write_text(json.dumps(env, indent=2) + "\n"))
-    _atomic_write(out / "metrics.parquet", lambda p: frame.to_parquet(p, index=False))
+    atomic_write(out / "config.toml", lambda p: Path(p).write_text(dump_config(config)))
+    atomic_write(out / "env.json", lambda p: Path(p).write_text(json.dumps(env, indent=2) + "\n"))
+    atomic_write(out / "metrics.parquet", lambda p: frame.to_parquet(p, index=False))
     return out
 
 

@@ -195,11 +195,11 @@ def _record(args: argparse.Namespace, ctx: ProbeContext, files: list[Path]) -> P
 
 def write_atomic(path: Path, write) -> Path:
     """Write ``path`` through a temporary file in its directory, then rename."""
-    from dynamics.experiment import _atomic_write
+    from dynamics.experiment import atomic_write
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, write)
+    atomic_write(path, write)
     return path
 
 
