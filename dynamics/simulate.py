@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from dynamics.metrics import BEHAVIOR_METRICS, tidy_frame, tie_half
+from dynamics.metrics import BEHAVIOR_METRICS, tidy_frame
 from dynamics.model import NO, YES
 from dynamics.objectives import get_objective
 from synthetic.problem import Problem
@@ -141,21 +141,12 @@ def simulate_sample(
     w0 = t(reference)
     if w0.shape[1] != dim:
         raise ParameterError("reference", tuple(w0.shape), f"must have {dim} columns")
-    logits0 = x @ w0.T  # (S, n, V), once
-    y0, n0 = logits0[..., YES], logits0[..., NO]
-    others = torch.ones(w0.shape[0], dtype=torch.bool, device=device)
-    others[[YES, NO]] = False
-    rest = torch.logsumexp(logits0[..., others], -1) if others.any() else torch.full_like(
-        y0, -torch.inf)
-    logz0 = torch.logsumexp(torch.stack([rest, y0, n0]), 0)
-    del logits0
     # Signed features s·g, once: the margin is h = Δᵀ(s g) and the gradient of
     # the mean loss is mean_j ℓ'(h_j) s_j g_j, so no step touches the signs.
     xs = x * s[..., None]  # (S, n, d)
-    rank0 = xs @ (w0[YES] - w0[NO])  # (S, n): s u0ᵀg
-
-    counts = torch.bincount(data.behavior, minlength=len(data.names)).to(dtype)
-    share = torch.nn.functional.one_hot(data.behavior, len(data.names)).to(dtype) / counts  # (n, K)
+    xs_t = xs.transpose(1, 2)  # (S, d, n), a view
+    evaluate = _Evaluator(x, s, xs, w0, data.behavior, len(data.names), obj, beta_t[:, None],
+                          num_configs)
 
     # Runs as rows: Δ is (S, P, d) and margins are (S, P, n), so the forward
     # Δ (s g)ᵀ and the backward r (s g) are matrix products with row-major
@@ -187,31 +178,36 @@ def simulate_sample(
         to_param = torch.ones_like(beta_col)
         coef = scale
         step_r = lambda h: obj.grad(h, beta_col)  # noqa: E731
-    param = delta * to_param
+    param = delta * to_param  # updated in place from here on
 
+    # The (S, P, n) products land in buffers allocated once: a fresh tensor of
+    # that size per step costs page faults comparable to the step's arithmetic.
+    width = batch_size or n
+    margins = torch.empty(num_seeds, num_configs, width, dtype=dtype, device=device)
     batches = _BatchStream(seeds, n, batch_size, device) if batch_size else None
     for k in range(steps + 1):
-        w_full = None
+        have_full = False
         if k in wanted:
-            w_full = param @ xs.transpose(1, 2)  # (S, P, n)
+            full = margins if batches is None else None
+            w_full = torch.bmm(param, xs_t, out=full)  # (S, P, n)
+            have_full = batches is None
             delta = param / to_param
-            h_full = w_full / to_param  # margins of every sample
-            for name, value in _sample_metrics(h_full, s, rank0, rest, y0, n0, logz0, obj,
-                                               beta_col).items():
-                store[name].append(value @ share)  # (S, P, K)
+            for name, value in evaluate(w_full, to_param).items():
+                store[name].append(value)  # (S, P, K)
             norms.append(delta.norm(dim=-1) / np.sqrt(2))
             if keep_deltas:
-                kept.append(delta.clone())
+                kept.append(delta)
         if k == steps:
             break
         if batches is None:
             xb = xs
-            w = w_full if w_full is not None else param @ xs.transpose(1, 2)
+            if not have_full:
+                torch.bmm(param, xs_t, out=margins)
         else:
             idx = batches.next()  # (S, B)
             xb = xs[torch.arange(num_seeds, device=device)[:, None], idx]  # (S, B, d)
-            w = param @ xb.transpose(1, 2)  # (S, P, B)
-        param = torch.baddbmm(param, step_r(w).mul_(coef), xb)  # w is consumed
+            torch.bmm(param, xb.transpose(1, 2), out=margins)  # (S, P, B)
+        param.baddbmm_(step_r(margins).mul_(coef), xb)  # the margins are consumed
         if progress is not None:
             progress(k + 1)
 
@@ -225,21 +221,75 @@ def simulate_sample(
     )
 
 
-def _sample_metrics(h, s, rank0, rest, y0, n0, logz0, obj, beta) -> dict[str, torch.Tensor]:
-    """Per-sample metrics ``(S, P, n)`` from the margins ``h = s Δᵀg`` ``(S, P, n)``;
-    ``s``, ``rank0 = s u0ᵀg`` and the reference logits are ``(S, n)``, ``beta``
-    is ``(P, 1)``."""
-    proj = h * s[:, None, :]  # Δᵀg
-    shift = torch.logaddexp(torch.logaddexp(y0[:, None] + proj / 2, n0[:, None] - proj / 2),
-                            rest[:, None]) - logz0[:, None]  # log Z − log Z0
-    return {
-        "loss": obj.loss(h, beta),
-        "accuracy": tie_half(rank0[:, None] + h),
-        "reward_accuracy": tie_half(h),
-        "rewards/chosen": beta * (h / 2 - shift),
-        "rewards/rejected": beta * (-h / 2 - shift),
-        "rewards/margins": beta * h,
-    }
+class _Evaluator:
+    """Per-behavior metrics ``(S, P, K)`` of every run from its margins.
+
+    Built once per call from the sample ``x`` ``(S, n, d)``, signs ``s``
+    ``(S, n)``, signed features ``xs``, reference ``w0`` ``(V, d)`` and each
+    sample's behavior ``(n,)``; ``beta`` is ``(P, 1)``. Called with the margin
+    product ``w = Φ xsᵀ`` ``(S, P, n)`` and ``to_param`` (``h = w / to_param``).
+
+    Per-behavior means are linear, so only the per-sample quantities that are
+    not linear in ``h`` are formed (loss, two signs, the log-partition shift),
+    written into one buffer ``(5, S, P, n)`` with ``h``, samples in behavior
+    order, and averaged by one sum per behavior over its contiguous block (a
+    product with an ``(n, K)`` share matrix is ~10× slower at small ``K``):
+
+    * accuracies from signs: ``1[x>0] + ½·1[x=0] = (sign x + 1)/2``;
+    * rewards: ``β(±h/2 − shift)`` and ``βh`` from the means of ``h`` and
+      ``shift = log Z − log Z0 = log(π0(Yes) e^{sh/2} + π0(No) e^{−sh/2} + π0(rest))``
+      (``Δᵀg = s h`` moves the Yes and No logits by ``±Δᵀg/2``).
+    """
+
+    def __init__(self, x, s, xs, w0, behavior, num_behaviors, obj, beta, num_configs):
+        num_seeds, n, _ = x.shape
+        self.obj, self.beta = obj, beta
+        # Samples in behavior order (sample_batch's already are: then no copy).
+        order = torch.argsort(behavior, stable=True)
+        self.order = None if bool((order == torch.arange(n, device=x.device)).all()) else order
+        if self.order is not None:
+            x, s, xs = x[:, order], s[:, order], xs[:, order]
+        counts = torch.bincount(behavior, minlength=num_behaviors)
+        self.counts = counts.tolist()
+        self.inverse_counts = 1 / counts.to(x.dtype)  # (K,): an empty behavior gives NaN means
+        logits0 = x @ w0.T  # (S, n, V), once
+        logz0 = torch.logsumexp(logits0, -1)
+        self.log_yes = (logits0[..., YES] - logz0)[:, None]  # (S, 1, n): log π0(Yes)
+        self.log_no = (logits0[..., NO] - logz0)[:, None]
+        others = torch.ones(w0.shape[0], dtype=torch.bool, device=x.device)
+        others[[YES, NO]] = False
+        self.log_rest = ((torch.logsumexp(logits0[..., others], -1) - logz0)[:, None]
+                         if others.any() else None)
+        self.half_s = (s / 2)[:, None]  # (S, 1, n)
+        self.rank0 = (xs @ (w0[YES] - w0[NO]))[:, None]  # (S, 1, n): s u0ᵀg
+        self.buffer = torch.empty(5, num_seeds, num_configs, n, dtype=x.dtype, device=x.device)
+        self.scratch = torch.empty(num_seeds, num_configs, n, dtype=x.dtype, device=x.device)
+
+    def __call__(self, w: torch.Tensor, to_param: torch.Tensor) -> dict[str, torch.Tensor]:
+        h, loss, acc, racc, shift = self.buffer
+        if self.order is not None:
+            w = w.index_select(-1, self.order)
+        torch.div(w, to_param, out=h)
+        loss.copy_(self.obj.loss(h, self.beta))
+        torch.sign(torch.add(h, self.rank0, out=acc), out=acc)
+        torch.sign(h, out=racc)
+        torch.addcmul(self.log_yes, h, self.half_s, out=shift)
+        torch.addcmul(self.log_no, h, self.half_s, value=-1, out=self.scratch)
+        torch.logaddexp(shift, self.scratch, out=shift)
+        if self.log_rest is not None:
+            torch.logaddexp(shift, self.log_rest, out=shift)
+        sums = [block.sum(-1) for block in self.buffer.split(self.counts, -1)]
+        means = torch.stack(sums, -1) * self.inverse_counts  # (5, S, P, K)
+        h_mean, loss_mean, acc_mean, racc_mean, shift_mean = means
+        beta = self.beta  # (P, 1) against (S, P, K)
+        return {
+            "loss": loss_mean,
+            "accuracy": (acc_mean + 1) / 2,
+            "reward_accuracy": (racc_mean + 1) / 2,
+            "rewards/chosen": beta * (h_mean / 2 - shift_mean),
+            "rewards/rejected": beta * (-h_mean / 2 - shift_mean),
+            "rewards/margins": beta * h_mean,
+        }
 
 
 class _BatchStream:
