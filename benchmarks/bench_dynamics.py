@@ -30,13 +30,13 @@ import argparse
 import os
 import platform
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from dynamics.analytic import PopulationFlow, population_descent  # noqa: E402
 from dynamics.model import reference_weights  # noqa: E402
@@ -44,65 +44,13 @@ from dynamics.simulate import simulate_sample  # noqa: E402
 from synthetic.mixture import population_mixture  # noqa: E402
 from synthetic.problem import Problem, behaviors_with_angles  # noqa: E402
 from synthetic.sampling import PreferenceSample, sample_batch  # noqa: E402
+from timing import Contention, Quiet, best_of, fmt_t, no_stderr, now, table  # noqa: E402
 
 TARGETS = {"gemm_fraction": 0.3, "loop_speedup": 50.0, "flow_vs_sim": 100.0}
 NEVER = 10**9  # eval_every beyond the last step: metrics only at step 0 and the last step
 
 
 # ----------------------------------------------------------------------------- timing helpers
-
-def now() -> float:
-    return time.perf_counter()
-
-
-def _proc_stat() -> list[int] | None:
-    try:
-        with open("/proc/stat") as fh:
-            return [int(v) for v in fh.readline().split()[1:]]
-    except OSError:
-        return None
-
-
-class Quiet:
-    """Before a timed task, wait (within a total budget) until other processes leave the
-    machine quiet: on a 2-core machine a second busy process stalls every 2-thread
-    parallel region of the batched code, while the per-run loop's small ops run on one
-    thread and barely notice, so measurements taken under contention are not comparable."""
-
-    def __init__(self, budget: float, per_task: float = 10.0, probe: float = 0.1,
-                 threshold: float = 0.15):
-        self.budget, self.per_task, self.probe, self.threshold = budget, per_task, probe, threshold
-        self.waited, self.probes, self.quiet, self.busy, self.unchecked = 0.0, 0, 0, 0, 0
-
-    def __call__(self) -> None:
-        start = self.waited
-        while True:
-            if self.waited >= self.budget:
-                self.unchecked += 1
-                return
-            if self.waited - start >= self.per_task:
-                self.busy += 1
-                return
-            v0, t0 = _proc_stat(), now()
-            time.sleep(self.probe)
-            v1, t1 = _proc_stat(), now()
-            self.waited += t1 - t0
-            self.probes += 1
-            if v0 is None or v1 is None:
-                return
-            tick = os.sysconf("SC_CLK_TCK")
-            d = [(b - a) / tick for a, b in zip(v0, v1)]
-            busy = sum(d[:3]) + sum(d[5:8])  # user nice system | irq softirq steal
-            if busy / ((t1 - t0) * (os.cpu_count() or 1)) < self.threshold:
-                self.quiet += 1
-                return
-
-    def summary(self) -> str:
-        return (f"quiet-wait: {self.quiet} timed tasks started on a quiet machine, {self.busy} "
-                f"on a busy one (wait capped at {self.per_task:g} s a task), {self.unchecked} "
-                f"unchecked (wait budget of {self.budget:g} s spent); {self.probes} probes, "
-                f"{self.waited:.1f} s waited")
-
 
 QUIET = Quiet(0.0)
 
@@ -120,15 +68,6 @@ def interleave(tasks: dict, rounds: int) -> dict[str, np.ndarray]:
     return {k: np.array(v) for k, v in times.items()}
 
 
-def best_of(fn, repeat: int) -> float:
-    out = []
-    for _ in range(repeat):
-        t0 = now()
-        fn()
-        out.append(now() - t0)
-    return min(out)
-
-
 class StepClock:
     """``progress`` hook of ``simulate_sample``: a timestamp after every step."""
 
@@ -140,62 +79,6 @@ class StepClock:
 
     def median_step(self) -> float:
         return float(np.median(np.diff(self.stamps)))
-
-
-class Contention:
-    """CPU time that other processes (and the hypervisor: steal) took during the run."""
-
-    def __init__(self):
-        self.start = self._read()
-
-    @staticmethod
-    def _read():
-        import resource
-
-        try:
-            with open("/proc/stat") as fh:
-                vals = [int(v) for v in fh.readline().split()[1:]]
-        except OSError:
-            vals = None
-        usage = resource.getrusage(resource.RUSAGE_SELF)
-        return now(), vals, usage.ru_utime + usage.ru_stime
-
-    def report(self) -> str:
-        t1, v1, c1 = self._read()
-        t0, v0, c0 = self.start
-        if v0 is None or v1 is None:
-            return "CPU contention: unknown (no /proc/stat)"
-        tick = os.sysconf("SC_CLK_TCK")
-        diff = [(b - a) / tick for a, b in zip(v0, v1)]
-        busy = sum(diff[:3]) + sum(diff[5:7])  # user, nice, system, irq, softirq
-        steal = diff[7] if len(diff) > 7 else 0.0
-        capacity = (t1 - t0) * (os.cpu_count() or 1)
-        others = max(busy - (c1 - c0), 0.0)
-        return (f"CPU contention during the run: other processes {100 * others / capacity:.0f}% "
-                f"of the machine, hypervisor steal {100 * steal / capacity:.0f}% "
-                f"(this benchmark {100 * (c1 - c0) / capacity:.0f}%)")
-
-
-def fmt_t(seconds: float) -> str:
-    if seconds < 1e-3:
-        return f"{seconds * 1e6:7.1f} µs"
-    if seconds < 1:
-        return f"{seconds * 1e3:7.2f} ms"
-    return f"{seconds:7.2f} s "
-
-
-def table(title: str, header: list[str], rows: list[list], note: str | None = None) -> None:
-    cells = [[str(c) for c in r] for r in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(header)]
-    print(f"\n{title}")
-    line = "  ".join(h.rjust(w) for h, w in zip(header, widths))
-    print("  " + line)
-    print("  " + "-" * len(line))
-    for r in cells:
-        print("  " + "  ".join(c.rjust(w) for c, w in zip(r, widths)))
-    if note:
-        for part in note.split("\n"):
-            print("  " + part)
 
 
 def slope(xs, ys) -> float:
@@ -328,7 +211,7 @@ def gemm_section(quick: bool, env: dict) -> float:
           f"{fraction:.2f} (target >= {TARGETS['gemm_fraction']}).")
     print(f"Same case with eval_every=1 (6 metrics x K behaviors at every step), {steps1} steps: "
           f"{rate1 / 1e9:.1f} GFLOP/s = {rate1 / head['ref_rate']:.2f} of matmul; "
-          f"{fmt_t(t1 / steps1).strip()}/step vs {fmt_t(head['call'] / head['steps']).strip()}"
+          f"{fmt_t(t1 / steps1)}/step vs {fmt_t(head['call'] / head['steps'])}"
           f"/step with metrics off the hot path.")
     del head["data"]
 
@@ -451,19 +334,11 @@ def profile_split(fn) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     QUIET()
-    sys.stderr.flush()
-    saved = os.dup(2)  # kineto prints profiler_start/stop lines on fd 2: keep them out
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    try:
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            t0 = now()
-            fn()
-            wall = now() - t0
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
+    # kineto prints profiler_start/stop lines on fd 2: keep them out
+    with no_stderr(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = now()
+        fn()
+        wall = now() - t0
     gemm = other = 0.0
     calls_gemm = calls_other = 0
     per_op = {}
@@ -537,12 +412,12 @@ def loop_section(quick: bool) -> float:
           "2 metric evaluations;\npython+dispatch = wall - aten self time.")
     loop_step = r["loop_best"] / runs / st
     gemm_step = pb["gemm"] / pst / runs
-    print(f"  Bound: even if the batched call cost only its GEMMs ({fmt_t(gemm_step).strip()} per "
-          f"run-step), the speed-up over the loop\n  ({fmt_t(loop_step).strip()} per run-step) "
+    print(f"  Bound: even if the batched call cost only its GEMMs ({fmt_t(gemm_step)} per "
+          f"run-step), the speed-up over the loop\n  ({fmt_t(loop_step)} per run-step) "
           f"would be {loop_step / gemm_step:.1f}x at this workload.")
     top = sorted(pb["per_op"].items(), key=lambda kv: -kv[1])[:6]
     print("  batched call, top aten ops by self time (per step): " + ", ".join(
-        f"{k[6:]} {fmt_t(v * 1e-6 / pst).strip()}" for k, v in top))
+        f"{k[6:]} {fmt_t(v * 1e-6 / pst)}" for k, v in top))
     for key in ("data", "singles"):
         del r[key]
 
@@ -690,7 +565,7 @@ def flow_section(quick: bool) -> float:
            ["one metrics evaluation",
             fmt_t(max(t_1["sim"].min() / (st1 + 1) - sim_step_t, 0)) + " (est.)",
             fmt_t(parts["metrics"]) + " (QMC + closed forms)"],
-           ["setup", "(sample drawn: " + fmt_t(t_sample).strip() + ")",
+           ["setup", "(sample drawn: " + fmt_t(t_sample) + ")",
             fmt_t(parts["init"]) + " (PopulationFlow: QMC points)"],
            ["step ratio sim/flow", f"{sim_step_t / parts['drift']:.1f}x", ""]],
           "Simulation step: median interval of the progress hook; metrics estimate = "

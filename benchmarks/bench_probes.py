@@ -72,7 +72,6 @@ import platform
 import subprocess
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -82,6 +81,11 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from timing import (  # noqa: E402
+    Contention, Others, Quiet, best_of, fmt_t, heading, no_stderr, now, sig, table,
+)
 
 TARGETS = {"extract_gemm_fraction": 0.6, "dpo_speedup_vs_trl": 2.0, "peak_memory_gb": 4.0,
            "loss_max_abs_diff": 1e-4}
@@ -93,10 +97,6 @@ TRL_INSTALL = f"{sys.executable} -m pip install trl"
 
 # ----------------------------------------------------------------------------- timing helpers
 
-def now() -> float:
-    return time.perf_counter()
-
-
 DEVICE = torch.device("cpu")
 
 
@@ -105,196 +105,7 @@ def sync() -> None:
         torch.cuda.synchronize(DEVICE)
 
 
-def _proc_stat() -> list[int] | None:
-    try:
-        with open("/proc/stat") as fh:
-            return [int(v) for v in fh.readline().split()[1:]]
-    except OSError:
-        return None
-
-
-def _own_cpu() -> float:
-    """CPU seconds of this process and its finished children."""
-    import resource
-
-    me = resource.getrusage(resource.RUSAGE_SELF)
-    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
-
-
-class Quiet:
-    """Before a timed task, wait (within a total budget) until other processes leave the
-    machine quiet: on a 2-core machine a second busy process stalls every 2-thread parallel
-    region (a thread without a core holds up the others), so a model step slows down 2-10x
-    and measurements taken under contention are not comparable (as in bench_dynamics.py).
-    Each call also records the share of the machine other processes took since the
-    previous call returned, i.e. during the previous timed task (:meth:`summary`)."""
-
-    def __init__(self, budget: float, per_task: float = 60.0, probe: float = 0.2,
-                 threshold: float = 0.15):
-        self.budget, self.per_task, self.probe, self.threshold = budget, per_task, probe, threshold
-        self.waited, self.probes, self.quiet, self.busy, self.unchecked = 0.0, 0, 0, 0, 0
-        self.mark = None  # (time, /proc/stat, own CPU) when the last call returned
-        self.during: list[float] = []  # others' share of the machine during each task
-
-    def _others_since_mark(self) -> None:
-        if self.mark is None:
-            return
-        t0, v0, c0 = self.mark
-        t1, v1, c1 = now(), _proc_stat(), _own_cpu()
-        self.mark = None
-        if v0 is None or v1 is None or t1 - t0 < 0.5:
-            return
-        tick = os.sysconf("SC_CLK_TCK")
-        d = [(b - a) / tick for a, b in zip(v0, v1)]
-        others = max(sum(d[:3]) + sum(d[5:8]) - (c1 - c0), 0.0)
-        self.during.append(others / ((t1 - t0) * (os.cpu_count() or 1)))
-
-    def __call__(self) -> None:
-        self._others_since_mark()
-        start = self.waited
-        try:
-            while True:
-                if self.waited >= self.budget:
-                    self.unchecked += 1
-                    return
-                if self.waited - start >= self.per_task:
-                    self.busy += 1
-                    return
-                v0, t0 = _proc_stat(), now()
-                time.sleep(self.probe)
-                v1, t1 = _proc_stat(), now()
-                self.waited += t1 - t0
-                self.probes += 1
-                if v0 is None or v1 is None:
-                    return
-                tick = os.sysconf("SC_CLK_TCK")
-                d = [(b - a) / tick for a, b in zip(v0, v1)]
-                busy = sum(d[:3]) + sum(d[5:8])  # user nice system | irq softirq steal
-                if busy / ((t1 - t0) * (os.cpu_count() or 1)) < self.threshold:
-                    self.quiet += 1
-                    return
-        finally:
-            self.mark = (now(), _proc_stat(), _own_cpu())
-
-    def summary(self) -> str:
-        self._others_since_mark()
-        during = np.array(self.during) if self.during else np.zeros(1)
-        return (f"quiet-wait: {self.quiet} timed tasks started on a quiet machine, {self.busy} "
-                f"on a busy one (wait capped at {self.per_task:g} s a task), {self.unchecked} "
-                f"unchecked (wait budget of {self.budget:g} s spent); {self.probes} probes, "
-                f"{self.waited:.1f} s waited.\nOther processes' share of the machine during "
-                f"the timed tasks: median {np.median(during):.0%}, max {during.max():.0%}; "
-                f"{int((during > self.threshold).sum())} of {len(self.during)} tasks above "
-                f"{self.threshold:.0%} (numbers from those are not comparable).")
-
-
 QUIET = Quiet(0.0)
-
-
-class Others:
-    """``with Others() as o: ...`` then ``o.share``: the share of the machine other
-    processes took during the block (0 = quiet, 0.5 = one of 2 cores busy elsewhere)."""
-
-    def __enter__(self):
-        self.start = (now(), _proc_stat(), _own_cpu())
-        self.share = float("nan")
-        return self
-
-    def __exit__(self, *exc):
-        t0, v0, c0 = self.start
-        t1, v1, c1 = now(), _proc_stat(), _own_cpu()
-        if v0 is not None and v1 is not None and t1 > t0:
-            tick = os.sysconf("SC_CLK_TCK")
-            d = [(b - a) / tick for a, b in zip(v0, v1)]
-            others = max(sum(d[:3]) + sum(d[5:8]) - (c1 - c0), 0.0)
-            self.share = others / ((t1 - t0) * (os.cpu_count() or 1))
-        return False
-
-
-class Contention:
-    """CPU time that other processes (and the hypervisor: steal) took during the run."""
-
-    def __init__(self):
-        self.start = self._read()
-
-    @staticmethod
-    def _read():
-        return now(), _proc_stat(), _own_cpu()
-
-    def report(self) -> str:
-        t1, v1, c1 = self._read()
-        t0, v0, c0 = self.start
-        if v0 is None or v1 is None:
-            return "CPU contention: unknown (no /proc/stat)"
-        tick = os.sysconf("SC_CLK_TCK")
-        diff = [(b - a) / tick for a, b in zip(v0, v1)]
-        busy = sum(diff[:3]) + sum(diff[5:7])  # user, nice, system, irq, softirq
-        steal = diff[7] if len(diff) > 7 else 0.0
-        capacity = (t1 - t0) * (os.cpu_count() or 1)
-        others = max(busy - (c1 - c0), 0.0)
-        return (f"CPU contention during the run: other processes {100 * others / capacity:.0f}% "
-                f"of the machine, hypervisor steal {100 * steal / capacity:.0f}% "
-                f"(this benchmark {100 * (c1 - c0) / capacity:.0f}%)")
-
-
-def best_of(fn, repeat: int) -> float:
-    out = []
-    for _ in range(repeat):
-        sync()
-        t0 = now()
-        fn()
-        sync()
-        out.append(now() - t0)
-    return min(out)
-
-
-def fmt_t(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "nan"
-    if seconds < 1e-3:
-        return f"{seconds * 1e6:.1f} µs"
-    if seconds < 1:
-        return f"{seconds * 1e3:.1f} ms"
-    return f"{seconds:.2f} s"
-
-
-def sig(x: float, digits: int = 3) -> str:
-    return "nan" if x is None or not math.isfinite(x) else f"{x:.{digits}g}"
-
-
-def table(title: str, header: list[str], rows: list[list], note: str | None = None) -> None:
-    cells = [[str(c) for c in r] for r in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(header)]
-    print(f"\n{title}")
-    line = "  ".join(h.rjust(w) for h, w in zip(header, widths))
-    print("  " + line)
-    print("  " + "-" * len(line))
-    for r in cells:
-        print("  " + "  ".join(c.rjust(w) for c, w in zip(r, widths)))
-    if note:
-        for part in note.split("\n"):
-            print("  " + part)
-
-
-def heading(text: str) -> None:
-    print("\n" + "-" * 78)
-    print(text)
-    print("-" * 78, flush=True)
-
-
-@contextlib.contextmanager
-def no_stderr():
-    """File descriptor 2 to /dev/null (C++ logs that Python's sys.stderr does not see)."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 2)
-            yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
 
 
 @contextlib.contextmanager
@@ -358,7 +169,7 @@ def square_gemm(size: int):
     a @ b
     sync()
     flops = 2 * size**3
-    return lambda: flops / best_of(lambda: a @ b, 5)
+    return lambda: flops / best_of(lambda: a @ b, 5, sync)
 
 
 def layer_gemm(rows: int, shapes: list[tuple[int, int]]):
@@ -373,7 +184,7 @@ def layer_gemm(rows: int, shapes: list[tuple[int, int]]):
 
     run()
     sync()
-    return lambda: flops / best_of(run, 5)
+    return lambda: flops / best_of(run, 5, sync)
 
 
 # ----------------------------------------------------------------------------- 0. machine
@@ -967,7 +778,7 @@ def main(argv=None) -> int:
     print(f"load_model(None): {load_s:.1f} s")
     fraction = extraction_section(args, loaded, counts, env)
     speedup, notes = dpo_section(args, loaded)
-    QUIET._others_since_mark()  # close the last timed task; the memory job is not timed
+    QUIET.close_task()  # close the last timed task; the memory job is not timed
     memory = memory_section(args)
     print("\n" + "=" * 78)
     got = {"extract_gemm_fraction": fraction, "dpo_speedup_vs_trl": speedup}
