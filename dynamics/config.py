@@ -32,8 +32,8 @@ from synthetic.validation import (
     check_number,
 )
 
-__all__ = ["Key", "SCHEMA", "BEHAVIOR_KEYS", "load_config", "parse_config", "apply_override",
-           "build_problem", "dump_config", "config_reference"]
+__all__ = ["Key", "SCHEMA", "BEHAVIOR_KEYS", "load_config", "read_toml", "parse_config",
+           "apply_override", "build_problem", "dump_config", "config_reference"]
 
 
 @dataclass(frozen=True)
@@ -216,9 +216,9 @@ def parse_config(raw: dict) -> dict:
     return config
 
 
-def load_config(path: str | Path | None, overrides: Sequence[str] = (), *,
-                text: str | None = None) -> dict:
-    """Read TOML from ``path`` (or ``text``), apply ``KEY=VALUE`` overrides, validate."""
+def read_toml(path: str | Path | None, text: str | None = None) -> dict:
+    """The TOML table in ``text``, or in the file ``path`` when ``text`` is None; an
+    unreadable file or invalid TOML is a ParameterError on ``config`` (with TOML's line)."""
     source = str(path) if path is not None else "<config>"
     if text is None:
         try:
@@ -226,9 +226,15 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = (), *,
         except OSError as err:
             raise ParameterError("config", source, f"cannot be read ({err.strerror})") from None
     try:
-        raw = tomllib.loads(text)
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise ParameterError("config", source, f"is not valid TOML: {err}") from None
+
+
+def load_config(path: str | Path | None, overrides: Sequence[str] = (), *,
+                text: str | None = None) -> dict:
+    """Read TOML from ``path`` (or ``text``), apply ``KEY=VALUE`` overrides, validate."""
+    raw = read_toml(path, text)
     for item in overrides:
         apply_override(raw, item)
     return parse_config(raw)

@@ -53,7 +53,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from dynamics.config import BEHAVIOR_KEYS, SCHEMA, apply_override, parse_config
+from dynamics.config import BEHAVIOR_KEYS, SCHEMA, apply_override, parse_config, read_toml
 from synthetic.validation import ParameterError, check_integer
 
 __all__ = ["Grid", "Point", "SweepPlan", "SweepReport", "parse_grid", "parse_seeds",
@@ -281,16 +281,7 @@ def load_plan(path: str | Path, grids: Sequence[str] = (), seeds: str | None = N
               overrides: Sequence[str] = (), text: str | None = None) -> SweepPlan:
     """Read a sweep config and merge command-line ``--grid``/``--seeds`` (they win);
     ``overrides`` (``KEY=VALUE``, as ``--set``) change the base config first."""
-    source = str(path)
-    if text is None:
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except OSError as err:
-            raise ParameterError("config", source, f"cannot be read ({err.strerror})") from None
-    try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as err:
-        raise ParameterError("config", source, f"is not valid TOML: {err}") from None
+    raw = read_toml(path, text)
     table = raw.pop("sweep", {})
     for item in overrides:
         apply_override(raw, item)
@@ -325,7 +316,7 @@ def load_plan(path: str | Path, grids: Sequence[str] = (), seeds: str | None = N
         if key == "train.seeds":
             raise ParameterError("--grid", key, "is set with --seeds (every point runs all "
                                  "seeds, batched)")
-    plan = SweepPlan(raw, list(merged.values()), figure, source)
+    plan = SweepPlan(raw, list(merged.values()), figure, str(path))
     plan.points()
     return plan
 
