@@ -329,6 +329,27 @@ def loop_case(n, d, s, p, steps, *, runs_timed=None, rounds=None):
                 lr=lr, seeds=seeds, singles=singles)
 
 
+def step_floor(data: PreferenceSample, p: int, reps: int = 20) -> dict:
+    """Bare cost of one batched step's unavoidable parts on ``data`` with ``p`` runs per
+    seed: the forward and backward GEMMs (into preallocated outputs) and one in-place
+    sigmoid over the (S, P, n) margins, each best of 5 × ``reps``, in seconds per step."""
+    xs = data.features * data.signs[..., None]
+    phi = torch.randn(xs.shape[0], p, xs.shape[2]) * 0.1
+    margins = torch.empty(xs.shape[0], p, xs.shape[1])
+
+    def gemms():
+        for _ in range(reps):
+            torch.bmm(phi, xs.transpose(1, 2), out=margins)
+            phi.baddbmm_(margins, xs, alpha=0.0)  # alpha 0: same work, phi unchanged
+
+    def sigmoid():
+        for _ in range(reps):
+            margins.sigmoid_()
+
+    QUIET()
+    return dict(gemm=best_of(gemms, 5) / reps, sigmoid=best_of(sigmoid, 5) / reps)
+
+
 def profile_split(fn) -> dict:
     """Self CPU time of the aten ops of one call, split into GEMM and the rest."""
     from torch.profiler import ProfilerActivity, profile
@@ -359,7 +380,7 @@ def profile_split(fn) -> dict:
                 calls_other=calls_other, per_op=per_op)
 
 
-def loop_section(quick: bool) -> float:
+def loop_section(quick: bool, env: dict) -> float:
     print("\n" + "-" * 78)
     print("2. loop_speedup: one batched simulate_sample call vs a Python loop of per-run calls")
     print("-" * 78)
@@ -418,6 +439,15 @@ def loop_section(quick: bool) -> float:
     top = sorted(pb["per_op"].items(), key=lambda kv: -kv[1])[:6]
     print("  batched call, top aten ops by self time (per step): " + ", ".join(
         f"{k[6:]} {fmt_t(v * 1e-6 / pst)}" for k, v in top))
+    floor = step_floor(data, p)
+    ceiling = loop_step / ((floor["gemm"] + floor["sigmoid"]) / runs)
+    gemm_rate = 4 * data.features.shape[1] * data.features.shape[2] * runs / floor["gemm"]
+    print(f"  Floor of a batched step, timed bare (no profiler, best of 5 x 20): the 2 GEMMs "
+          f"{fmt_t(floor['gemm'] / runs)} per run-step\n  ({gemm_rate / 1e9:.0f} GFLOP/s = "
+          f"{gemm_rate / env['peak']:.2f} of the square matmul) + one sigmoid over the margins "
+          f"{fmt_t(floor['sigmoid'] / runs)};\n  a batched step with nothing else (a perfect "
+          f"fusion) would put the speed-up at {ceiling:.1f}x. Measured batched run-step: "
+          f"{fmt_t(r['batch_best'] / runs / st)}.")
     for key in ("data", "singles"):
         del r[key]
 
@@ -425,8 +455,10 @@ def loop_section(quick: bool) -> float:
     if quick:
         others = [(500, 16, 4, 4, 30)]
     else:
-        others = [(500, 16, 16, 16, 100), (1000, 32, 16, 16, 100), (2000, 32, 16, 16, 100),
-                  (2000, 32, 4, 64, 100)]
+        # smaller runs first: the ratio is dispatch against arithmetic, so it grows as
+        # n·d shrinks; the table shows where it crosses the target
+        others = [(100, 4, 16, 16, 100), (200, 8, 16, 16, 100), (500, 16, 16, 16, 100),
+                  (1000, 32, 16, 16, 100), (2000, 32, 16, 16, 100), (2000, 32, 4, 64, 100)]
     rows = []
     for n2, d2, s2, p2, st2 in others:
         o = loop_case(n2, d2, s2, p2, st2, runs_timed=min(p2, 16), rounds=2)
@@ -628,7 +660,7 @@ def main(argv=None) -> int:
     contention = Contention()
     env = machine(args.quick)
     fraction = gemm_section(args.quick, env)
-    speedup = loop_section(args.quick)
+    speedup = loop_section(args.quick, env)
     ratio = flow_section(args.quick)
     print("\n" + "=" * 78)
     got = {"gemm_fraction": fraction, "loop_speedup": speedup, "flow_vs_sim": ratio}
