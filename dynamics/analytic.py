@@ -120,8 +120,8 @@ class PopulationFlow:
             "cov_term": -2.0 * pi,  # −2 π_c
         }
 
-        # QMC points and the reference log-partition pieces at each point:
-        # y0 = w0_Yesᵀg, n0 = w0_Noᵀg, rest = logsumexp of the other logits.
+        # QMC points and the reference policy at each point: log π0(Yes), log π0(No)
+        # and log π0(any other token), for the rewards' log-partition shift.
         vocab = self.w0.shape[0]
         if self.exact:
             # Scale mixtures: only the joint law of (W0 g, Δᵀg) matters, which
@@ -147,24 +147,17 @@ class PopulationFlow:
         mixing = self.root if self.exact else self.w0 @ self.root  # (C, V, ·)
         logits0 = (self.mu @ self.w0.T)[:, None, :] + self.z[:, :mixing.shape[-1]] @ (
             mixing.transpose(1, 2))  # (C, M, V)
-        self.y0, self.n0 = logits0[..., YES], logits0[..., NO]  # (C, M)
+        log_pi0 = torch.log_softmax(logits0, dim=-1)  # (C, M, V): the reference policy
+        self.log_yes, self.log_no = log_pi0[..., YES], log_pi0[..., NO]  # (C, M)
         others = torch.ones(self.w0.shape[0], dtype=torch.bool)
         others[[YES, NO]] = False
-        self.rest = (torch.logsumexp(logits0[..., others], dim=-1) if others.any()
-                     else torch.full_like(self.y0, -torch.inf))
-        self.logz0 = torch.logsumexp(torch.stack([self.rest, self.y0, self.n0]), dim=0)
+        self.log_rest = torch.logsumexp(log_pi0[..., others], dim=-1) if others.any() else None
 
     # ---------------------------------------------------------------- projections
     def _project(self, v: torch.Tensor) -> torch.Tensor:
         """``vᵀg`` at every QMC point of every component, shape ``(C, M)``, jointly
         with the reference logits at those points."""
-        if self.exact:
-            b = self.explain @ v  # (C, V)
-            c = ((self.cov @ v) @ v - (b * b).sum(-1)).clamp_min(0).sqrt()  # (C,)
-            vocab = b.shape[1]
-            return (self.mu @ v)[:, None] + b @ self.z[:, :vocab].T + c[:, None] * self.z[:, vocab]
-        # vᵀg = vᵀμ_c + (L_cᵀv)ᵀz
-        return self.mu @ v[:, None] + (self.z @ (self.root.transpose(1, 2) @ v).T).T
+        return self._project_many(v[None])[0]
 
     def _level(self, max_sd: float) -> int:
         """Rule level for the largest margin standard deviation: panels of
@@ -222,36 +215,79 @@ class PopulationFlow:
         # −2 Σ_c π_c (s_c μ_c E[ℓ'] + E[w ℓ''] Σ_c Δ), constants folded in at set-up
         return (first @ p) @ a["mean_term"] + (a["cov_term"] * (second @ pq)) @ cov_delta
 
+    def _project_many(self, v: torch.Tensor) -> torch.Tensor:
+        """``vᵀg`` for several vectors ``v`` ``(E, d)``: ``(E, C, M)``, one matrix
+        product with the mean term added in it."""
+        num, comps = v.shape[0], self.mu.shape[0]
+        offset = (v @ self.mu.T).reshape(-1, 1)  # (E·C, 1): vᵀμ_c
+        if self.exact:
+            # vᵀg = vᵀμ_c + [b, c]ᵀ z[:, :V+1] with b = R_c⁺ W0 Σ_c v, c² = vᵀΣ_c v − ‖b‖²
+            b = torch.einsum("cvd,ed->ecv", self.explain, v)  # (E, C, V)
+            c = (_quadratic(self.cov, v) - (b * b).sum(-1)).clamp_min(0).sqrt()
+            loads = torch.cat([b, c[..., None]], -1)  # (E, C, V+1)
+            basis = self.z[:, :loads.shape[-1]]
+        else:
+            loads = torch.einsum("cij,ei->ecj", self.root, v)  # (E, C, d): L_cᵀ v
+            basis = self.z
+        return torch.addmm(offset, loads.reshape(num * comps, -1), basis.T).reshape(
+            num, comps, -1)
+
+    def metrics_many(self, deltas: torch.Tensor, chunk_elements: int = 2**19
+                     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Per-behavior metrics ``(E, K)`` and weight changes ``(E,)`` at each row of
+        ``deltas`` ``(E, d)``, in chunks of about ``chunk_elements`` QMC values."""
+        deltas = torch.as_tensor(deltas, dtype=torch.float64).reshape(-1, self.mu.shape[1])
+        size = max(1, chunk_elements // max(1, self.log_yes.numel()))
+        parts = [self._metrics_chunk(deltas[i:i + size]) for i in range(0, len(deltas), size)]
+        if not parts:
+            return ({name: torch.zeros(0, len(self.pi_k), dtype=torch.float64)
+                     for name in BEHAVIOR_METRICS}, torch.zeros(0, dtype=torch.float64))
+        out = {name: torch.cat([part[0][name] for part in parts]) for name in BEHAVIOR_METRICS}
+        return out, torch.cat([part[1] for part in parts])
+
     def metrics(self, delta: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """Per-behavior metrics ``(K,)`` and the weight change at ``Δ``."""
+        """Per-behavior metrics ``(K,)`` and the weight change at one ``Δ``."""
+        out, change = self.metrics_many(torch.as_tensor(delta)[None])
+        return {name: value[0] for name, value in out.items()}, change[0]
+
+    def _metrics_chunk(self, deltas: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         beta, obj = self.beta, self.objective
         per_c = {}
-        mean = self.s * (self.mu @ delta)
-        var = (self.cov @ delta) @ delta
-        policy = self.u0 + delta
-        rank_mean = self.s * (self.mu @ policy)
-        rank_var = (self.cov @ policy) @ policy
-        proj = self._project(delta)  # (C, M)
+        mean = self.s * (deltas @ self.mu.T)  # (E, C): E[h] per component
+        var = _quadratic(self.cov, deltas)  # (E, C): Var[h]
+        policy = self.u0 + deltas
         if self.exact:
-            points, p, _ = self._points_h(mean, var)
-            per_c["loss"] = obj.loss(points, beta) @ p
-            per_c["accuracy"] = self._positive(rank_mean, rank_var)
+            per_c["loss"] = torch.empty_like(mean)
+            sds = var.clamp_min(0).sqrt()
+            levels = np.array([self._level(float(sd)) for sd in sds.amax(1)])
+            for level in np.unique(levels):  # rows whose largest spread picks one rule
+                rows = torch.from_numpy(np.flatnonzero(levels == level))
+                y, p, _ = self._rule(sds[rows])
+                points = torch.addcmul(mean[rows, :, None], sds[rows, :, None], y)  # (e, C, J)
+                per_c["loss"][rows] = obj.loss(points, beta) @ p
+            per_c["accuracy"] = self._positive(self.s * (policy @ self.mu.T),
+                                               _quadratic(self.cov, policy))
             per_c["reward_accuracy"] = self._positive(mean, var)
         else:
-            h = self.s[:, None] * proj
-            ranking = self.s[:, None] * self._project(policy)
-            per_c["loss"] = obj.loss(h, beta).mean(1)
-            per_c["accuracy"] = tie_half(ranking).mean(1)
-            per_c["reward_accuracy"] = tie_half(h).mean(1)
-        shift = torch.logaddexp(torch.logaddexp(self.y0 + proj / 2, self.n0 - proj / 2),
-                                self.rest) - self.logz0  # (C, M): log Z − log Z0
-        half_margin = self.s[:, None] * proj / 2
-        per_c["rewards/chosen"] = beta * (half_margin - shift).mean(1)
-        per_c["rewards/rejected"] = beta * (-half_margin - shift).mean(1)
+            h = self.s[:, None] * self._project_many(deltas)
+            ranking = self.s[:, None] * self._project_many(policy)
+            per_c["loss"] = obj.loss(h, beta).mean(-1)
+            per_c["accuracy"] = tie_half(ranking).mean(-1)
+            per_c["reward_accuracy"] = tie_half(h).mean(-1)
+        # log Z − log Z0 = log(π0(Yes) e^{Δᵀg/2} + π0(No) e^{−Δᵀg/2} + π0(rest)) at the QMC
+        # points; the rewards are β(±E[h]/2 − E[shift]), E[h] in closed form.
+        proj = self._project_many(deltas)  # (E, C, M): Δᵀg
+        shift = torch.add(self.log_yes, proj, alpha=0.5)
+        torch.logaddexp(shift, torch.add(self.log_no, proj, alpha=-0.5, out=proj), out=shift)
+        if self.log_rest is not None:
+            torch.logaddexp(shift, self.log_rest, out=shift)
+        mean_shift = shift.mean(-1)
+        per_c["rewards/chosen"] = beta * (mean / 2 - mean_shift)
+        per_c["rewards/rejected"] = beta * (-mean / 2 - mean_shift)
         per_c["rewards/margins"] = beta * mean
         weights = self.members * self.pi[:, None] / self.pi_k  # (C, K): within-behavior shares
         out = {name: per_c[name] @ weights for name in BEHAVIOR_METRICS}
-        return out, delta.norm() / _SQRT2
+        return out, deltas.norm(dim=-1) / _SQRT2
 
     def _positive(self, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
         """``P(X > 0)`` (ties half) for ``X = mean + √var·Y``, per component."""
@@ -259,6 +295,11 @@ class PopulationFlow:
         ratio = torch.where(sd > 0, mean / sd.clamp_min(1e-300), torch.sign(mean) * torch.inf)
         ratio = torch.where((sd == 0) & (mean == 0), torch.zeros_like(ratio), ratio)
         return torch.as_tensor(self.family.projection_cdf(ratio.numpy()))
+
+
+def _quadratic(cov: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``vᵀ Σ_c v`` for covariances ``(C, d, d)`` and vectors ``(E, d)``: ``(E, C)``."""
+    return torch.einsum("ecd,ed->ec", torch.einsum("cij,ej->eci", cov, v), v)
 
 
 def population_descent(
@@ -308,9 +349,8 @@ def population_descent(
             if k < steps:
                 current = current + lr * step(current)
         deltas = torch.from_numpy(np.stack(kept))
-    rows = [flow.metrics(d) for d in deltas]
-    per_behavior = {name: torch.stack([r[0][name] for r in rows]).numpy()
-                    for name in BEHAVIOR_METRICS}
-    weight_change = torch.stack([r[1] for r in rows]).numpy()
+    metrics, weight_change = flow.metrics_many(deltas)
+    per_behavior = {name: metrics[name].numpy() for name in BEHAVIOR_METRICS}
+    weight_change = weight_change.numpy()
     return PopulationTrajectory(record, deltas.numpy(), per_behavior, weight_change, beta, lr,
                                 mixture.names)

@@ -292,6 +292,30 @@ def test_drift_vanishes_at_the_well_specified_optimum(gap_and_cov, beta):
 # ------------------------------------------------------------------ metrics
 
 
+@pytest.mark.parametrize("family", ["gaussian", "laplace", "uniform"])
+def test_population_metrics_many_equal_one_at_a_time(family):
+    """The batched evaluation (chunks of a few Δ, rows of different quadrature
+    rules in one chunk) gives each Δ's metrics as evaluating it alone does."""
+    problem = Problem((isotropic("a", 3, 2.0), isotropic("b", 3, 1.0, direction=[0, 1, 0])),
+                      family=family)
+    flow = PopulationFlow(population_mixture(problem), beta=1.5,
+                          reference=reference_weights(3, vocab_size=5, seed=3), qmc_points=512)
+    scales = np.r_[0.0, np.geomspace(0.1, 30.0, 12)]  # spreads from 0 to ~45: several levels
+    deltas = np.random.default_rng(1).standard_normal((len(scales), 3)) * scales[:, None]
+    levels = {flow._level(float(np.sqrt(max(d @ c @ d for c in flow.mixture.covs))))
+              for d in deltas}
+    assert len(levels) >= 3
+    chunk = 3 * flow.log_yes.numel()  # three Δ a chunk
+    many, changes = flow.metrics_many(torch.as_tensor(deltas), chunk_elements=chunk)
+    for e, delta in enumerate(deltas):
+        one, change = flow.metrics(torch.as_tensor(delta))
+        for name, value in one.items():
+            assert_close(many[name][e], value, CLOSED_FORM, err_msg=f"{name} at row {e}")
+        assert_close(changes[e], change, CLOSED_FORM)
+    empty, none = flow.metrics_many(torch.zeros(0, 3, dtype=torch.float64))
+    assert none.shape == (0,) and all(v.shape == (0, 2) for v in empty.values())
+
+
 @settings(max_examples=15, deadline=None)
 @given(st.data(), problems(families=("gaussian", "laplace"), max_dim=4, max_behaviors=2), BETAS)
 def test_population_metrics_match_quadrature(data, problem, beta):
