@@ -36,9 +36,9 @@ from dynamics.experiment import atomic_write as _write_atomic
 from synthetic.statistics import behavior_statistics
 from synthetic.validation import ParameterError, check_integer
 
-__all__ = ["extract_features", "statement_features", "check_lm_head", "feature_key",
-           "feature_statistics", "answer_rows", "add_arguments", "add_feature_arguments", "check",
-           "run", "CHUNK_SIZE", "CACHE_VERSION"]
+__all__ = ["extract_features", "statement_features", "probe_features", "check_lm_head",
+           "feature_key", "feature_statistics", "answer_rows", "add_arguments",
+           "add_feature_arguments", "check", "run", "CHUNK_SIZE", "CACHE_VERSION"]
 
 CHUNK_SIZE = 256
 """Statements per cache chunk: an interruption loses at most one chunk of work."""
@@ -353,6 +353,16 @@ def check(args) -> None:
     check_integer("--check-statements", args.check_statements, ge=1)
 
 
+def probe_features(ctx) -> tuple[torch.Tensor, float]:
+    """The features of a probe's statements (:func:`statement_features`, cached, with
+    its ``--prompt-format`` and ``--batch-size``) and the seconds they took."""
+    args = ctx.args
+    start = time.perf_counter()
+    features = statement_features(ctx.model, ctx.statements, prompt_format=args.prompt_format,
+                                  batch_size=args.batch_size, progress=ctx.progress)
+    return features, time.perf_counter() - start
+
+
 def run(ctx) -> list[Path]:
     """Features of every statement (cached), the lm_head check, per-behavior
     statistics: ``features_stats.parquet`` (one row per behavior),
@@ -363,10 +373,7 @@ def run(ctx) -> list[Path]:
     args = ctx.args
     check(args)
     loaded = ctx.model
-    start = time.perf_counter()
-    features = statement_features(loaded, ctx.statements, prompt_format=args.prompt_format,
-                                  batch_size=args.batch_size, progress=ctx.progress)
-    seconds = time.perf_counter() - start
+    features, seconds = probe_features(ctx)
     lm_head_diff = check_lm_head(loaded, ctx.statements, args.check_statements,
                                  prompt_format=args.prompt_format)
     stats = feature_statistics(features, ctx.statements,

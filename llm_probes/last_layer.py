@@ -349,15 +349,13 @@ def run(ctx) -> list[Path]:
     ``last_layer_summary.parquet``/``.json`` (ρ and CIs) and the figures."""
     from figures.probe_last_layer import plot, plot_together
     from llm_probes.cli import write_atomic
-    from llm_probes.features import answer_rows, statement_features
+    from llm_probes.features import answer_rows, probe_features
 
     args = ctx.args
     check(args)
     loaded = ctx.model
     start = time.perf_counter()
-    features = statement_features(loaded, ctx.statements, prompt_format=args.prompt_format,
-                                  batch_size=args.batch_size, progress=ctx.progress)
-    extract_seconds = time.perf_counter() - start
+    features, extract_seconds = probe_features(ctx)
     w0 = answer_rows(loaded, args.prompt_format).double()  # (V, d): rows Yes, No, the rest
     u0 = w0[YES] - w0[NO]
     x, signs, codes, train_mask, names = _prepared(ctx, features, args.center)
