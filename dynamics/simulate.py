@@ -249,13 +249,12 @@ class _Evaluator:
         counts = torch.bincount(behavior, minlength=num_behaviors)
         self.counts = counts.tolist()
         self.inverse_counts = 1 / counts.to(x.dtype)  # (K,): an empty behavior gives NaN means
-        logits0 = x @ w0.T  # (S, n, V), once
-        logz0 = torch.logsumexp(logits0, -1)
-        self.log_yes = (logits0[..., YES] - logz0)[:, None]  # (S, 1, n): log π0(Yes)
-        self.log_no = (logits0[..., NO] - logz0)[:, None]
+        log_pi0 = torch.log_softmax(x @ w0.T, -1)  # (S, n, V): the reference policy, once
+        self.log_yes = log_pi0[:, None, :, YES]  # (S, 1, n)
+        self.log_no = log_pi0[:, None, :, NO]
         others = torch.ones(w0.shape[0], dtype=torch.bool, device=x.device)
         others[[YES, NO]] = False
-        self.log_rest = ((torch.logsumexp(logits0[..., others], -1) - logz0)[:, None]
+        self.log_rest = (torch.logsumexp(log_pi0[..., others], -1)[:, None]
                          if others.any() else None)
         self.half_s = (s / 2)[:, None]  # (S, 1, n)
         self.rank0 = (xs @ (w0[YES] - w0[NO]))[:, None]  # (S, 1, n): s u0ᵀg
