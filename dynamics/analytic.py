@@ -47,7 +47,7 @@ from scipy import integrate, stats
 
 from dynamics.metrics import BEHAVIOR_METRICS, tidy_frame, tie_half
 from dynamics.model import NO, YES
-from dynamics.objectives import get_objective
+from dynamics.objectives import resolve_objective
 from synthetic.families import get_family
 from synthetic.mixture import Mixture
 from synthetic.validation import check_integer, check_number
@@ -90,11 +90,15 @@ class PopulationFlow:
     """
 
     def __init__(self, mixture: Mixture, *, beta: float, reference: np.ndarray,
-                 objective: str = "dpo", panel_width: float = 2.0,
+                 objective="dpo", panel_width: float = 2.0,
                  qmc_points: int = 8192, qmc_seed: int = 0):
         self.mixture = mixture
         self.beta = check_number("beta", beta, gt=0)
-        self.objective = get_objective(objective)
+        self.objective, self.hyper = resolve_objective(objective)
+        # the logit scale of the margins, which sets the quadrature's resolution
+        self.scale = self.beta if self.objective.uses_beta else 1.0
+        self.qmc_points, self.qmc_seed = qmc_points, qmc_seed
+        self._cloud_points = None
         self.panel_width = check_number("panel_width", panel_width, gt=0, le=10)
         qmc_points = check_integer("qmc_points", qmc_points, ge=16)
         t = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float64)  # noqa: E731
@@ -116,8 +120,8 @@ class PopulationFlow:
         self._np = {
             "cov": np.asarray(mixture.covs, dtype=np.float64),  # (C, d, d)
             "s_mu": sign[:, None] * mixture.means,  # (C, d): s_c μ_c
-            "mean_term": -2.0 * (pi * sign)[:, None] * mixture.means,  # −2 π_c s_c μ_c
-            "cov_term": -2.0 * pi,  # −2 π_c
+            "mean_term": -self.objective.gain * (pi * sign)[:, None] * mixture.means,  # −G π_c s_c μ_c
+            "cov_term": -self.objective.gain * pi,  # −G π_c
         }
 
         # QMC points and the reference policy at each point: log π0(Yes), log π0(No)
@@ -163,7 +167,7 @@ class PopulationFlow:
         """Rule level for the largest margin standard deviation: panels of
         ``2^-level`` in units of ``Y``, the coarsest with ``2^-level·spread ≤
         panel_width`` (and at most 1)."""
-        spread = self.beta * max_sd
+        spread = self.scale * max_sd
         return 0 if spread <= self.panel_width else math.ceil(math.log2(spread / self.panel_width))
 
     def _rule_at(self, level: int) -> tuple[np.ndarray, ...]:
@@ -192,28 +196,88 @@ class PopulationFlow:
         return torch.addcmul(mean[:, None], sd[:, None], y), p, pq
 
     # ---------------------------------------------------------------- dynamics
-    def drift(self, delta: torch.Tensor) -> torch.Tensor:
-        """``F(Δ)``: minus twice the population gradient, shape ``(d,)``."""
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Shape of the objective's parameter ``θ``: ``(d,)`` for the difference
+        view, ``(R, d)`` for the others (``R = V`` for the ``all`` view)."""
+        d = self.mu.shape[1]
+        if self.objective.view == "difference":
+            return (d,)
+        return (self.objective.rows or self.w0.shape[0], d)
+
+    def drift(self, theta) -> torch.Tensor:
+        """``F(θ)``: the population descent direction (minus the gradient times
+        the view's gain), same shape as ``θ``."""
+        theta = torch.as_tensor(np.asarray(theta, dtype=np.float64))
+        if self.objective.view == "all":
+            return self._drift_all(theta)
+        rows = theta.reshape(-1, self.mu.shape[1])  # (R, d)
+        signs = torch.as_tensor(self.objective.row_signs, dtype=torch.float64)[:, None]
+        signed = rows * signs  # θ̃_r = σ_r θ_r: h_r = s θ̃_rᵀg
         if self.exact:
-            return torch.from_numpy(self.drift_np(np.asarray(delta, dtype=np.float64)))
+            out = np.stack([self.drift_np(v) for v in signed.numpy()])
+            return (torch.from_numpy(out) * signs).reshape(theta.shape)
+        out = torch.stack([self._drift_qmc(v) for v in signed])
+        return (out * signs).reshape(theta.shape)
+
+    def _drift_qmc(self, delta: torch.Tensor) -> torch.Tensor:
+        """A margin row's drift for a family that is no scale mixture (QMC)."""
         beta, obj = self.beta, self.objective
         h = self.s[:, None] * self._project(delta)  # (C, M)
-        g1 = obj.grad(h, beta)
+        g1 = obj.grad(h, beta, **self.hyper)
         # mean over points of ℓ'(h) g = μ_c mean ℓ' + L_c (zᵀ ℓ')/M
         term = self.mu * g1.mean(1, keepdim=True) + torch.einsum(
             "cde,ce->cd", self.root, g1 @ self.z) / g1.shape[1]
-        return -2 * (self.pi * self.s) @ term
+        return -obj.gain * (self.pi * self.s) @ term
 
     def drift_np(self, delta: np.ndarray) -> np.ndarray:
-        """:meth:`drift` for a scale-mixture family, in NumPy: ``(d,)`` → ``(d,)``."""
+        """One margin row's drift for a scale-mixture family, in NumPy, ``(d,)`` →
+        ``(d,)``: ``−G Σ_c π_c (s_c μ_c E[ℓ'(h_c)] + E[w ℓ''(h_c)] Σ_c θ)`` (Stein)."""
         a = self._np
-        cov_delta = a["cov"] @ delta  # (C, d): Σ_c Δ, once
+        cov_delta = a["cov"] @ delta  # (C, d): Σ_c θ, once
         sd = np.sqrt(np.maximum(cov_delta @ delta, 0.0))  # (C,)
+        mean = a["s_mu"] @ delta  # (C,): E[h_c]
+        if self.objective.moments is not None:  # closed form (a kink: hinge)
+            _, first, second = self.objective.moments(mean, sd, self.beta, self.family,
+                                                      **self.hyper)
+            return first @ a["mean_term"] + (a["cov_term"] * second) @ cov_delta
         y, p, pq = self._rule_np(float(sd.max()))
-        points = (a["s_mu"] @ delta)[:, None] + sd[:, None] * y  # (C, J): h = s Δᵀμ + sd·y
-        first, second = self.objective.derivatives(points, self.beta)  # NumPy in, NumPy out
-        # −2 Σ_c π_c (s_c μ_c E[ℓ'] + E[w ℓ''] Σ_c Δ), constants folded in at set-up
+        points = mean[:, None] + sd[:, None] * y  # (C, J): h = s θᵀμ + sd·y
+        first, second = self.objective.derivatives(points, self.beta, **self.hyper)
+        # constants −G π_c s_c μ_c and −G π_c folded in at set-up
         return (first @ p) @ a["mean_term"] + (a["cov_term"] * (second @ pq)) @ cov_delta
+
+    def _cloud(self) -> torch.Tensor:
+        """Scrambled Sobol points of every component in the full dimension,
+        ``g = μ_c + L_c z`` ``(C, M, d)``: the ``all`` view's expectations over the
+        joint law of all ``V`` logits (quasi-Monte Carlo where the vocabulary
+        forces it)."""
+        if self._cloud_points is None:
+            d = self.mu.shape[1]
+            unit = stats.qmc.Sobol(d + 1, scramble=True, seed=self.qmc_seed).random(
+                self.qmc_points)
+            z = torch.as_tensor(self.family.standard_from_unit(np.clip(unit, 1e-12, 1 - 1e-12)))
+            vals, vecs = torch.linalg.eigh(self.cov)
+            root = vecs * vals.clamp_min(0).sqrt()[:, None, :]  # (C, d, d): L Lᵀ = Σ
+            self._cloud_points = self.mu[:, None, :] + z @ root.transpose(1, 2)
+        return self._cloud_points
+
+    def _cloud_logits(self, theta: torch.Tensor):
+        """Logits ``(W0 + D) g`` ``(C, V, M)`` at the cloud, and each component's
+        chosen answer ``(C, 1, 1)`` broadcastable against them."""
+        cloud = self._cloud()
+        logits = ((self.w0 + theta) @ cloud.transpose(1, 2))  # (C, V, M)
+        chosen = torch.where(self.s > 0, YES, NO).reshape(-1, 1, 1).expand(-1, 1,
+                                                                           cloud.shape[1])
+        return logits, chosen
+
+    def _drift_all(self, theta: torch.Tensor) -> torch.Tensor:
+        """``−Σ_c π_c E_c[∂ℓ/∂logits gᵀ]`` ``(V, d)`` by QMC over the cloud."""
+        logits, chosen = self._cloud_logits(theta)
+        coef = self.objective.logit_grad(logits, chosen)  # (C, V, M)
+        cloud = self._cloud()
+        per_c = coef @ cloud / cloud.shape[1]  # (C, V, d)
+        return -self.objective.gain * torch.einsum("c,cvd->vd", self.pi, per_c)
 
     def _project_many(self, v: torch.Tensor) -> torch.Tensor:
         """``vᵀg`` for several vectors ``v`` ``(E, d)``: ``(E, C, M)``, one matrix
@@ -232,48 +296,77 @@ class PopulationFlow:
         return torch.addmm(offset, loads.reshape(num * comps, -1), basis.T).reshape(
             num, comps, -1)
 
-    def metrics_many(self, deltas: torch.Tensor, chunk_elements: int = 2**19
+    def metrics_many(self, thetas, chunk_elements: int = 2**19
                      ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """Per-behavior metrics ``(E, K)`` and weight changes ``(E,)`` at each row of
-        ``deltas`` ``(E, d)``, in chunks of about ``chunk_elements`` QMC values."""
-        deltas = torch.as_tensor(deltas, dtype=torch.float64).reshape(-1, self.mu.shape[1])
+        """Per-behavior metrics ``(E, K)`` and weight changes ``(E,)`` at each of
+        ``thetas`` ``(E, *shape)``, in chunks of about ``chunk_elements`` QMC values."""
+        thetas = torch.as_tensor(np.asarray(thetas, dtype=np.float64)).reshape(
+            (-1,) + self.shape)
         size = max(1, chunk_elements // max(1, self.log_yes.numel()))
-        parts = [self._metrics_chunk(deltas[i:i + size]) for i in range(0, len(deltas), size)]
+        parts = [self._metrics_chunk(thetas[i:i + size]) for i in range(0, len(thetas), size)]
         if not parts:
             return ({name: torch.zeros(0, len(self.pi_k), dtype=torch.float64)
                      for name in BEHAVIOR_METRICS}, torch.zeros(0, dtype=torch.float64))
         out = {name: torch.cat([part[0][name] for part in parts]) for name in BEHAVIOR_METRICS}
         return out, torch.cat([part[1] for part in parts])
 
-    def metrics(self, delta: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """Per-behavior metrics ``(K,)`` and the weight change at one ``Δ``."""
-        out, change = self.metrics_many(torch.as_tensor(delta)[None])
+    def metrics(self, theta) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Per-behavior metrics ``(K,)`` and the weight change at one ``θ``."""
+        out, change = self.metrics_many(torch.as_tensor(np.asarray(theta))[None])
         return {name: value[0] for name, value in out.items()}, change[0]
 
-    def _metrics_chunk(self, deltas: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        beta, obj = self.beta, self.objective
-        per_c = {}
-        mean = self.s * (deltas @ self.mu.T)  # (E, C): E[h] per component
-        var = _quadratic(self.cov, deltas)  # (E, C): Var[h]
-        policy = self.u0 + deltas
-        if self.exact:
-            per_c["loss"] = torch.empty_like(mean)
-            sds = var.clamp_min(0).sqrt()
-            levels = np.array([self._level(float(sd)) for sd in sds.amax(1)])
-            for level in np.unique(levels):  # rows whose largest spread picks one rule
-                rows = torch.from_numpy(np.flatnonzero(levels == level))
-                y, p, _ = self._rule(sds[rows])
-                points = torch.addcmul(mean[rows, :, None], sds[rows, :, None], y)  # (e, C, J)
-                per_c["loss"][rows] = obj.loss(points, beta) @ p
-            per_c["accuracy"] = self._positive(self.s * (policy @ self.mu.T),
-                                               _quadratic(self.cov, policy))
-            per_c["reward_accuracy"] = self._positive(mean, var)
+    def _metrics_chunk(self, thetas: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        obj = self.objective
+        if obj.view == "all":
+            per_c, change = self._metrics_all(thetas)
+        elif obj.block == "policy":
+            per_c = self._metrics_policy(thetas)
+            change = thetas.norm(dim=-1) / _SQRT2
         else:
-            h = self.s[:, None] * self._project_many(deltas)
-            ranking = self.s[:, None] * self._project_many(policy)
-            per_c["loss"] = obj.loss(h, beta).mean(-1)
-            per_c["accuracy"] = tie_half(ranking).mean(-1)
-            per_c["reward_accuracy"] = tie_half(h).mean(-1)
+            per_c = self._metrics_reward(thetas.reshape(len(thetas), -1, self.mu.shape[1]))
+            change = torch.zeros(len(thetas), dtype=torch.float64)
+        weights = self.members * self.pi[:, None] / self.pi_k  # (C, K): within-behavior shares
+        return {name: per_c[name] @ weights for name in BEHAVIOR_METRICS}, change
+
+    def _expected_loss(self, rows: torch.Tensor) -> torch.Tensor:
+        """``Σ_r E_c[ℓ(h_r)]`` ``(E, C)`` for signed rows ``θ̃`` ``(E, R, d)``."""
+        obj, total = self.objective, 0
+        for r in range(rows.shape[1]):
+            v = rows[:, r]
+            if not self.exact:
+                total = total + obj.loss(self.s[:, None] * self._project_many(v), self.beta,
+                                         **self.hyper).mean(-1)
+                continue
+            mean = self.s * (v @ self.mu.T)  # (E, C): E[h] per component
+            sds = _quadratic(self.cov, v).clamp_min(0).sqrt()  # (E, C)
+            if obj.moments is not None:
+                loss = torch.as_tensor(obj.moments(mean.numpy(), sds.numpy(), self.beta,
+                                                   self.family, **self.hyper)[0])
+            else:
+                loss = torch.empty_like(mean)
+                levels = np.array([self._level(float(sd)) for sd in sds.amax(1)])
+                for level in np.unique(levels):  # rows whose largest spread picks one rule
+                    idx = torch.from_numpy(np.flatnonzero(levels == level))
+                    y, p, _ = self._rule(sds[idx])
+                    points = torch.addcmul(mean[idx, :, None], sds[idx, :, None], y)  # (e, C, J)
+                    loss[idx] = obj.loss(points, self.beta, **self.hyper) @ p
+            total = total + loss
+        return total
+
+    def _positive_of(self, v: torch.Tensor) -> torch.Tensor:
+        """``P(s vᵀg > 0)`` per component ``(E, C)`` for vectors ``v`` ``(E, d)``
+        (ties half): the family's CDF, or QMC for a family that has none."""
+        if self.exact:
+            return self._positive(self.s * (v @ self.mu.T), _quadratic(self.cov, v))
+        return tie_half(self.s[:, None] * self._project_many(v)).mean(-1)
+
+    def _metrics_policy(self, deltas: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The policy's difference ``Δ`` ``(E, d)`` (DPO family)."""
+        beta, per_c = self.beta, {}
+        mean = self.s * (deltas @ self.mu.T)  # (E, C): E[h] per component
+        per_c["loss"] = self._expected_loss(deltas[:, None])
+        per_c["accuracy"] = self._positive_of(self.u0 + deltas)
+        per_c["reward_accuracy"] = self._positive_of(deltas)
         # log Z − log Z0 = log(π0(Yes) e^{Δᵀg/2} + π0(No) e^{−Δᵀg/2} + π0(rest)) at the QMC
         # points; the rewards are β(±E[h]/2 − E[shift]), E[h] in closed form.
         proj = self._project_many(deltas)  # (E, C, M): Δᵀg
@@ -285,9 +378,48 @@ class PopulationFlow:
         per_c["rewards/chosen"] = beta * (mean / 2 - mean_shift)
         per_c["rewards/rejected"] = beta * (-mean / 2 - mean_shift)
         per_c["rewards/margins"] = beta * mean
-        weights = self.members * self.pi[:, None] / self.pi_k  # (C, K): within-behavior shares
-        out = {name: per_c[name] @ weights for name in BEHAVIOR_METRICS}
-        return out, deltas.norm(dim=-1) / _SQRT2
+        return per_c
+
+    def _metrics_reward(self, thetas: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A reward head ``(E, R, d)``: R = 1 the difference ``ψ`` (rewards ``±h/2``),
+        R = 2 the rows Yes and No (see :class:`dynamics.simulate._Evaluator`)."""
+        signs = torch.as_tensor(self.objective.row_signs, dtype=torch.float64)[:, None]
+        signed = thetas * signs  # θ̃_r: h_r = s θ̃_rᵀg
+        psi = signed.sum(1)  # ψ = φ_Yes − φ_No, whose margin s ψᵀg = Σ_r h_r
+        margin = self.s * (psi @ self.mu.T)  # (E, C): E[r(y_w) − r(y_l)]
+        means = self.s * torch.einsum("erd,cd->erc", signed, self.mu)  # (E, R, C): E[h_r]
+        chosen = margin / 2 if thetas.shape[1] == 1 else torch.where(
+            self.s > 0, means[:, 0], means[:, 1])
+        return {
+            "loss": self._expected_loss(signed),
+            "accuracy": self._positive_of(self.u0[None]).expand_as(margin),
+            "reward_accuracy": self._positive_of(psi),
+            "rewards/chosen": chosen,
+            "rewards/rejected": chosen - margin,
+            "rewards/margins": margin,
+        }
+
+    def _metrics_all(self, thetas: torch.Tensor):
+        """Every row of the policy ``D`` ``(E, V, d)``: loss and rewards by QMC over
+        the cloud, accuracies from the Yes − No difference."""
+        cloud = self._cloud()
+        logits0 = self.w0 @ cloud.transpose(1, 2)  # (C, V, M)
+        log_pi0 = torch.log_softmax(logits0, dim=1)
+        rows = {name: [] for name in BEHAVIOR_METRICS}
+        chosen_is_yes = (self.s > 0)[:, None]  # (C, 1)
+        for theta in thetas:
+            logits, chosen = self._cloud_logits(theta)
+            rows["loss"].append(self.objective.logit_loss(logits, chosen).mean(-1))
+            ratio = torch.log_softmax(logits, dim=1) - log_pi0  # (C, V, M): log π/π0
+            yes, no = ratio[:, YES].mean(-1), ratio[:, NO].mean(-1)
+            rows["rewards/chosen"].append(self.beta * torch.where(chosen_is_yes[:, 0], yes, no))
+            rows["rewards/rejected"].append(self.beta * torch.where(chosen_is_yes[:, 0], no, yes))
+        per_c = {name: torch.stack(v) for name, v in rows.items() if v}
+        per_c["rewards/margins"] = per_c["rewards/chosen"] - per_c["rewards/rejected"]
+        deltas = thetas[:, YES] - thetas[:, NO]  # (E, d): the policy's Yes − No change
+        per_c["accuracy"] = self._positive_of(self.u0 + deltas)
+        per_c["reward_accuracy"] = self._positive_of(deltas)
+        return per_c, thetas.flatten(1).norm(dim=-1)
 
     def _positive(self, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
         """``P(X > 0)`` (ties half) for ``X = mean + √var·Y``, per component."""
@@ -309,7 +441,7 @@ def population_descent(
     lr: float,
     steps: int,
     reference: np.ndarray,
-    objective: str = "dpo",
+    objective="dpo",
     delta0: np.ndarray | None = None,
     continuous: bool = False,
     eval_every: int = 1,
@@ -317,9 +449,11 @@ def population_descent(
 ) -> PopulationTrajectory:
     """Population gradient descent with step ``lr`` (or the continuous flow).
 
-    Returns ``Δ`` and the metrics at ``step = 0, eval_every, …, steps`` (the
-    last step always included); ``t = lr·step``. ``delta0`` (default 0: the
-    policy starts at the reference) sets ``Δ`` at step 0.
+    Returns ``θ`` and the metrics at ``step = 0, eval_every, …, steps`` (the
+    last step always included); ``t = lr·step``. ``objective`` is a name or a
+    table with hyperparameters; ``delta0`` (default 0: the policy at the
+    reference, a reward head at zero) sets ``θ`` at step 0, shaped like
+    :attr:`PopulationFlow.shape`.
     """
     lr = check_number("lr", lr, gt=0)
     steps = check_integer("steps", steps, ge=1)
@@ -327,30 +461,35 @@ def population_descent(
     flow = PopulationFlow(mixture, beta=beta, reference=reference, objective=objective,
                           **flow_options)
     record = np.unique(np.r_[np.arange(0, steps + 1, eval_every), steps])
-    delta = (torch.zeros(mixture.dim, dtype=torch.float64) if delta0 is None
-             else torch.as_tensor(np.asarray(delta0, dtype=np.float64)))
+    shape = flow.shape
+    start = np.zeros(shape) if delta0 is None else np.asarray(delta0, dtype=np.float64)
+    if start.shape != shape:
+        from synthetic.validation import ParameterError
+
+        raise ParameterError("delta0", start.shape, f"must have shape {shape}")
+    if flow.objective.view == "difference" and flow.exact:
+        step = flow.drift_np  # the DPO family's fast path: NumPy, no reshaping
+    else:
+        step = lambda v: flow.drift(v.reshape(shape)).numpy().reshape(-1)  # noqa: E731
     if continuous:
         sol = integrate.solve_ivp(
-            (lambda _, y: flow.drift_np(y)) if flow.exact else (
-                lambda _, y: flow.drift(torch.from_numpy(y)).numpy()),
-            (0.0, lr * steps), delta.numpy(), t_eval=lr * record, method="DOP853",
-            rtol=1e-10, atol=1e-12,
+            lambda _, y: step(y), (0.0, lr * steps), start.reshape(-1), t_eval=lr * record,
+            method="DOP853", rtol=1e-10, atol=1e-12,
         )
         if not sol.success:
             raise RuntimeError(f"population flow ODE failed: {sol.message}")
-        deltas = torch.from_numpy(sol.y.T.copy())
+        deltas = sol.y.T.copy()
     else:
         kept, wanted = [], set(record.tolist())
-        step = flow.drift_np if flow.exact else lambda v: flow.drift(torch.from_numpy(v)).numpy()
-        current = delta.numpy().copy()
+        current = start.reshape(-1).copy()
         for k in range(steps + 1):
             if k in wanted:
                 kept.append(current.copy())
             if k < steps:
                 current = current + lr * step(current)
-        deltas = torch.from_numpy(np.stack(kept))
+        deltas = np.stack(kept)
+    deltas = deltas.reshape((len(record),) + shape)
     metrics, weight_change = flow.metrics_many(deltas)
     per_behavior = {name: metrics[name].numpy() for name in BEHAVIOR_METRICS}
-    weight_change = weight_change.numpy()
-    return PopulationTrajectory(record, deltas.numpy(), per_behavior, weight_change, beta, lr,
+    return PopulationTrajectory(record, deltas, per_behavior, weight_change.numpy(), beta, lr,
                                 mixture.names)

@@ -1,29 +1,63 @@
-"""Preference objectives as pure, unreduced functions (the caller reduces).
+"""Objectives of the last-layer model as pure, unreduced functions, and their registry.
 
-In the last-layer model every pairwise objective is a function of the policy's
-log-ratio margin
+The model (THEORY §1) has two ``V × d`` matrices an objective may train: the
+policy ``W = W0 + D`` (``π(y|g) = softmax(W g)_y``) and a reward head ``Φ``
+(``r(g, y) = φ_yᵀ g``, from zero). An :class:`Objective` declares
 
-    h = [log π(y_w) − log π_0(y_w)] − [log π(y_l) − log π_0(y_l)]
+* ``block``: which matrix it trains (``"policy"`` or ``"reward"``);
+* ``view``: which rows of it the loss reads, hence the parameter the engines carry,
 
-so each objective is registered with its per-example loss ``ℓ(h)`` and the
-first two derivatives ``ℓ'(h)``, ``ℓ''(h)``: the simulation's gradient uses
-``ℓ'``, and the population flow (Stein's lemma, THEORY §2) uses ``ℓ'`` and
-``ℓ''``. One registry, :data:`OBJECTIVES`, feeds the CLI's choices, the docs and
-the error for an unknown name.
+  ==============  ===============================  =================================
+  view            parameter θ, shape ``(R, d)``     what a sample with sign ``s`` reads
+  ==============  ===============================  =================================
+  ``difference``  ``θ = B_Yes − B_No − (same at     the margin ``h = s θᵀg`` (R = 1);
+                  the start)``, R = 1               a step moves the two rows equal and
+                                                    opposite, so ``θ`` moves twice as
+                                                    fast as either (gain 2)
+  ``rows``        ``θ_r`` = rows Yes and No, R = 2  margins ``h_r = σ_r s θ_rᵀg`` with
+                                                    row signs ``σ = (+1, −1)`` (gain 1)
+  ``all``         ``θ = D``, all V rows             the logits ``(W0 + D) g`` (gain 1)
+  ==============  ===============================  =================================
+
+* ``data``: what it consumes: ``pairs`` (chosen and rejected answer), ``labels``
+  (each answer alone with a good/bad label) or ``demonstrations`` (the chosen
+  answer only);
+* its own hyperparameters (:class:`Hyper`: default, rule, doc), beside the shared
+  ``beta`` when ``uses_beta``;
+* the per-sample loss and its derivatives: for the margin views ``ℓ(h)``, ``ℓ'(h)``
+  and, where smooth, ``ℓ''(h)`` (the population flow's Stein term; an objective
+  with a kink gives its population moments in closed form instead); for the
+  ``all`` view the loss of the logits and its gradient.
+
+The batched simulation and the population flow read nothing else, so a new
+objective is one registry entry; the tests iterate over :data:`OBJECTIVES`.
+Every function takes NumPy arrays or torch tensors (``beta`` may be a tensor
+broadcasting against ``h``: one value per run).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import special
 
-from synthetic.validation import check_choice, check_number
+from synthetic.validation import ParameterError, check_choice, check_number
 
-__all__ = ["Objective", "OBJECTIVES", "get_objective", "dpo_loss", "dpo_margin_loss"]
+__all__ = ["Hyper", "Objective", "OBJECTIVES", "get_objective", "resolve_objective",
+           "dpo_loss", "dpo_margin_loss", "cdpo_margin_loss", "robust_dpo_margin_loss",
+           "ipo_margin_loss", "hinge_margin_loss", "reward_model_loss", "binary_loss",
+           "sft_loss", "VIEWS", "GAIN"]
+
+VIEWS = ("difference", "rows", "all")
+GAIN = {"difference": 2.0, "rows": 1.0, "all": 1.0}
+"""How fast the carried parameter moves per unit of gradient on the matrix rows."""
+
+
+# ============================================================================ pure losses
 
 
 def dpo_loss(
@@ -47,88 +81,362 @@ def dpo_loss(
     return dpo_margin_loss(h, beta=beta)
 
 
-def dpo_margin_loss(h: torch.Tensor, *, beta: float) -> torch.Tensor:
+def dpo_margin_loss(h, *, beta):
     """``−log σ(βh)`` of the margin ``h``, any shape.
 
-    Computed by ``logsigmoid``, i.e. ``−log σ(x) = log(1 + e^{−x})`` evaluated
-    stably: finite for large ``|x|`` where ``log(sigmoid(x))`` underflows to
-    ``−inf``, and exact there (``F.softplus`` would switch to ``x`` past its
-    threshold and drop up to ``e^{−20}``).
+    Computed as ``softplus(−βh)`` through ``logsigmoid``, i.e. ``−log σ(x) =
+    log(1 + e^{−x})`` evaluated stably: finite for large ``|x|`` where
+    ``log(sigmoid(x))`` underflows to ``−inf``, and exact there (``F.softplus``
+    would switch to ``x`` past its threshold and drop up to ``e^{−20}``).
     """
-    return -F.logsigmoid(beta * h)
+    return _softplus(-beta * h)
+
+
+def cdpo_margin_loss(h, *, beta, epsilon):
+    """Conservative DPO (Mitchell 2023): labels trusted with probability ``1 − ε``,
+
+    ``ℓ = (1−ε)·(−log σ(βh)) + ε·(−log σ(−βh))``; ``ε = 0`` is DPO."""
+    return (1 - epsilon) * _softplus(-beta * h) + epsilon * _softplus(beta * h)
+
+
+def robust_dpo_margin_loss(h, *, beta, epsilon):
+    """Robust DPO (Chowdhury et al. 2024, eq. 7): the unbiased loss under labels
+    flipped with probability ``ε < ½``,
+
+    ``ℓ = [(1−ε)·(−log σ(βh)) − ε·(−log σ(−βh))] / (1 − 2ε)``;
+
+    its expectation over the flip of an observed label equals DPO's loss on the
+    clean label (so it can be negative)."""
+    return ((1 - epsilon) * _softplus(-beta * h) - epsilon * _softplus(beta * h)) / (
+        1 - 2 * epsilon)
+
+
+def ipo_margin_loss(h, *, beta):
+    """IPO (Azar et al. 2023, eq. 17): ``(h − 1/(2β))²``, a regression of the
+    margin onto ``τ = 1/(2β)``."""
+    return (h - 0.5 / beta) ** 2
+
+
+def hinge_margin_loss(h, *, beta):
+    """SLiC's hinge (Zhao et al. 2023, eq. 3 with margin 1): ``max(0, 1 − βh)``."""
+    return _relu(1 - beta * h)
+
+
+def reward_model_loss(chosen_rewards, rejected_rewards):
+    """Bradley–Terry reward-model loss (InstructGPT eq. 1; HHH's ranked preference
+    model): ``−log σ(r(x, y_w) − r(x, y_l))``, unreduced."""
+    return _softplus(rejected_rewards - chosen_rewards)
+
+
+def binary_loss(chosen_rewards, rejected_rewards):
+    """HHH's binary discrimination (Askell et al. 2021): each answer scored alone,
+    ``−log σ(r(x, y_w)) − log σ(−r(x, y_l))``, unreduced."""
+    return _softplus(-chosen_rewards) + _softplus(rejected_rewards)
+
+
+def sft_loss(logits: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """Imitation of the chosen answer: ``−log softmax(logits)_{y_w}``.
+
+    logits (..., V, n) · chosen (n,) integer answers → loss (..., n).
+    """
+    logp = torch.log_softmax(logits, dim=-2)
+    index = chosen.expand(*logits.shape[:-2], 1, chosen.shape[-1])
+    return -logp.gather(-2, index).squeeze(-2)
+
+
+# ============================================================================ helpers
+
+
+def _is_torch(x) -> bool:
+    return isinstance(x, torch.Tensor)
 
 
 def _sigmoid(x):
-    """σ for torch tensors and NumPy arrays alike (the population drift runs in
-    NumPy, the simulation in torch; the derivative formulas are written once)."""
-    return torch.sigmoid(x) if isinstance(x, torch.Tensor) else special.expit(x)
+    """σ for torch tensors and NumPy arrays alike (the population flow runs in
+    NumPy, the simulation in torch; each derivative is written once)."""
+    return torch.sigmoid(x) if _is_torch(x) else special.expit(x)
 
 
-def _dpo_grad(h, beta):
-    # dℓ/dh = −β σ(−βh)
-    return -beta * _sigmoid(-beta * h)
+def _softplus(x):
+    """``log(1 + e^x)``, stable for any ``x`` (torch: ``−logsigmoid(−x)``)."""
+    return -F.logsigmoid(-x) if _is_torch(x) else np.logaddexp(0.0, x)
 
 
-def _dpo_hess(h, beta):
-    # d²ℓ/dh² = β² σ(βh) σ(−βh)
-    z = beta * h
-    return beta**2 * _sigmoid(z) * _sigmoid(-z)
+def _relu(x):
+    return torch.clamp_min(x, 0) if _is_torch(x) else np.maximum(x, 0.0)
 
 
-def _dpo_both(h, beta):
-    # one sigmoid for both: with q = σ(−βh), ℓ' = −βq and ℓ'' = β² q (1 − q)
-    q = _sigmoid(-beta * h)
-    first = -beta * q
-    return first, first * (q - 1) * beta
+def _step_below(x, at):
+    """``1[x < at]`` in the floating dtype of ``x``."""
+    return (x < at).to(x.dtype) if _is_torch(x) else (x < at).astype(np.float64)
+
+
+# ============================================================================ registry types
+
+
+@dataclass(frozen=True)
+class Hyper:
+    """An objective's own hyperparameter: default, rule (bounds as data), doc."""
+
+    default: float
+    doc: str
+    bounds: Mapping[str, float] = field(default_factory=dict)  # gt / ge / lt / le
+
+    def check(self, name: str, value) -> float:
+        return check_number(name, value, **self.bounds)
+
+    def rule(self) -> str:
+        words = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
+        return " and ".join(f"{words[k]} {v}" for k, v in self.bounds.items())
 
 
 @dataclass(frozen=True)
 class Objective:
-    """A pairwise objective of the margin ``h``; ``beta`` may be a tensor that
-    broadcasts against ``h`` (one value per run in a batch)."""
+    """One objective of the last-layer model; see the module docstring.
+
+    Margin views (``difference``, ``rows``): ``loss``, ``grad`` and ``hess`` are
+    ``ℓ(h, beta, **hyper)``, ``ℓ'`` and ``ℓ''`` elementwise (``hess`` is None
+    where ``ℓ`` has a kink; ``moments`` then gives the population moments in
+    closed form). The optional *logit form* ``ℓ'(h) = outer(β)·inner_(inner_scale(β)·h)``
+    (``inner_`` in place, taking the hyperparameters) lets the simulation make a
+    step in two elementwise passes.
+
+    ``all`` view: ``logit_loss(logits, chosen)`` and ``logit_grad(logits,
+    chosen)`` of the ``(…, V, n)`` logits.
+    """
 
     name: str
-    loss: Callable[..., torch.Tensor]  # ℓ(h, beta), elementwise
-    grad: Callable[..., torch.Tensor]  # ℓ'(h, beta); also takes NumPy arrays
-    hess: Callable[..., torch.Tensor]  # ℓ''(h, beta); also takes NumPy arrays
     formula: str
     source: str
-    both: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None  # (ℓ', ℓ'') at once
-    # Optional "logit form" for the simulation's hot path:
-    # ℓ'(h) = outer(β)·inner_(inner_scale(β)·h),
-    # with inner_ applied in place. The simulation then carries Φ = inner_scale(β)·Δ so that the
-    # margin product yields inner_'s argument directly and a step makes two elementwise passes.
+    block: str  # "policy" | "reward"
+    view: str  # one of VIEWS
+    data: str  # "pairs" | "labels" | "demonstrations"
+    uses_beta: bool = True
+    hyper: Mapping[str, Hyper] = field(default_factory=dict)
+    loss: Callable | None = None
+    grad: Callable | None = None
+    hess: Callable | None = None
+    moments: Callable | None = None  # (mean, sd, beta, family, **hyper) -> (Eℓ, Eℓ', E[wℓ''])
+    kinks: Callable | None = None  # (beta, **hyper) -> margins where ℓ' jumps
     inner_scale: Callable | None = None
-    inner_: Callable[[torch.Tensor], torch.Tensor] | None = None
+    inner_: Callable | None = None
     outer: Callable | None = None
+    row_signs: tuple[float, ...] = (1.0,)
+    logit_loss: Callable | None = None
+    logit_grad: Callable | None = None
 
-    def derivatives(self, h: torch.Tensor, beta) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(ℓ'(h), ℓ''(h))``, sharing work where the objective allows it."""
-        if self.both is not None:
-            return self.both(h, beta)
-        return self.grad(h, beta), self.hess(h, beta)
+    @property
+    def rows(self) -> int | None:
+        """``R`` for the margin views; ``None`` (= V) for the ``all`` view."""
+        return None if self.view == "all" else len(self.row_signs)
+
+    @property
+    def gain(self) -> float:
+        return GAIN[self.view]
+
+    def derivatives(self, h, beta, **hyper):
+        """``(ℓ'(h), ℓ''(h))`` of a smooth margin objective."""
+        return self.grad(h, beta, **hyper), self.hess(h, beta, **hyper)
+
+    def defaults(self) -> dict[str, float]:
+        return {k: spec.default for k, spec in self.hyper.items()}
+
+    def check_hyper(self, hyper: Mapping | None, *, path: str = "objective") -> dict[str, float]:
+        """Hyperparameters with defaults filled in, each checked by its rule; an
+        unknown key is an error naming the closest valid one."""
+        hyper = dict(hyper or {})
+        out = {}
+        for key, value in hyper.items():
+            if key not in self.hyper:
+                valid = list(self.hyper) or ["(none)"]
+                close = [k for k in self.hyper if _close(key, k)]
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ParameterError(f"{path}.{key}", value,
+                                     f"is not a hyperparameter of {self.name!r}; its keys: "
+                                     f"{', '.join(valid)}{hint}")
+            out[key] = self.hyper[key].check(f"{path}.{key}", value)
+        for key, spec in self.hyper.items():
+            out.setdefault(key, spec.default)
+        return out
 
 
-OBJECTIVES: dict[str, Objective] = {
-    o.name: o
-    for o in (
-        Objective(
-            "dpo",
-            lambda h, beta: dpo_margin_loss(h, beta=beta),
-            _dpo_grad,
-            _dpo_hess,
-            "−log σ(βh)",
-            "Rafailov et al. 2023, eq. 7",
-            _dpo_both,
-            inner_scale=lambda beta: -beta,  # ℓ'(h) = −β · σ(−βh)
-            inner_=torch.Tensor.sigmoid_,
-            outer=lambda beta: -beta,
-        ),
-    )
-}
+def _close(a: str, b: str) -> bool:
+    import difflib
+
+    return bool(difflib.get_close_matches(a, [b], n=1))
+
+
+# ============================================================================ derivatives
+
+# DPO family: with z = βh and q = σ(−z), ℓ' = −β(q + c) for a constant c, and
+# ℓ'' = β² σ(z)σ(−z) for all three (the constant shifts of ℓ' have no slope).
+
+
+def _dpo_grad(h, beta):
+    return -beta * _sigmoid(-beta * h)  # dℓ/dh = −β σ(−βh)
+
+
+def _logistic_hess(h, beta):
+    z = beta * h
+    return beta**2 * _sigmoid(z) * _sigmoid(-z)  # d²ℓ/dh² = β² σ(βh) σ(−βh)
+
+
+def _cdpo_grad(h, beta, epsilon):
+    # (1−ε)(−βσ(−z)) + ε(βσ(z)) = −β(σ(−z) − ε)
+    return -beta * (_sigmoid(-beta * h) - epsilon)
+
+
+def _robust_offset(epsilon):
+    return epsilon / (1 - 2 * epsilon)
+
+
+def _robust_grad(h, beta, epsilon):
+    # [(1−ε)(−βσ(−z)) − ε(βσ(z))]/(1−2ε) = −β(σ(−z) + ε/(1−2ε))
+    return -beta * (_sigmoid(-beta * h) + _robust_offset(epsilon))
+
+
+def _ipo_grad(h, beta):
+    return 2 * (h - 0.5 / beta)
+
+
+def _ipo_hess(h, beta):
+    return 2 + 0 * h  # a constant, broadcast to h's shape and type
+
+
+def _hinge_grad(h, beta):
+    # ℓ' = −β·1[βh < 1]; at the kink the left derivative (a subgradient)
+    return -beta * _step_below(beta * h, 1.0)
+
+
+def _hinge_moments(mean, sd, beta, family):
+    """Population moments of the hinge for ``h = mean + sd·Y`` in closed form:
+
+    with ``k = (1/β − mean)/sd``, ``E[ℓ] = β·sd·E[(k − Y)₊]``, ``E[ℓ'] = −β·P(Y < k)``
+    and, since ``ℓ'' = β·δ(h − 1/β)``, ``E[w ℓ''] = β·f_Y(k)·E[w | Y = k]/sd``: the
+    kink enters exactly through the density at it. ``sd = 0``: a point mass at
+    ``mean`` (the Stein term then multiplies ``ΣΔ = 0``).
+    """
+    mean, sd = np.asarray(mean, dtype=np.float64), np.asarray(sd, dtype=np.float64)
+    beta = np.asarray(beta, dtype=np.float64)
+    positive = sd > 0
+    safe = np.where(positive, sd, 1.0)
+    k = (1 / beta - mean) / safe
+    loss = np.where(positive, beta * safe * family.partial_expectation(k),
+                    np.maximum(0.0, 1 - beta * mean))
+    first = np.where(positive, -beta * family.projection_cdf(k), -beta * (beta * mean < 1))
+    second = np.where(positive, beta * family.projection_pdf(k) * family.stein_weight(k) / safe,
+                      0.0)
+    return loss, first, second
+
+
+def _bt_loss(h, beta):
+    return _softplus(-h)  # β = 1: the reward head has its own scale
+
+
+def _bt_grad(h, beta):
+    return -_sigmoid(-h)
+
+
+def _bt_hess(h, beta):
+    return _sigmoid(h) * _sigmoid(-h)
+
+
+def _sft_grad(logits: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """``∂ℓ/∂logits = softmax(logits) − e_{y_w}``: (…, V, n) → (…, V, n)."""
+    probs = torch.softmax(logits, dim=-2)
+    index = chosen.expand(*logits.shape[:-2], 1, chosen.shape[-1])
+    return probs.scatter_add(-2, index, torch.full_like(probs[..., :1, :], -1.0))
+
+
+def _sigmoid_shift_(shift):
+    """In place ``x ↦ σ(x) + shift`` (the DPO family's logit form)."""
+    def inner(x, **hyper):
+        x.sigmoid_()
+        c = shift(**hyper)
+        return x.add_(c) if c else x
+    return inner
+
+
+_EPSILON = Hyper(0.0, "ε: probability that an observed preference is flipped", {"ge": 0, "lt": 0.5})
+
+OBJECTIVES: dict[str, Objective] = {o.name: o for o in (
+    Objective(
+        "dpo", "−log σ(βh)", "Rafailov et al. 2023, eq. 7", "policy", "difference", "pairs",
+        loss=lambda h, beta: dpo_margin_loss(h, beta=beta), grad=_dpo_grad,
+        hess=_logistic_hess,
+        inner_scale=lambda beta: -beta, inner_=_sigmoid_shift_(lambda: 0.0),
+        outer=lambda beta: -beta,  # ℓ'(h) = −β · σ(−βh)
+    ),
+    Objective(
+        "cdpo", "(1−ε)·(−log σ(βh)) + ε·(−log σ(−βh))", "Mitchell 2023 (conservative DPO)",
+        "policy", "difference", "pairs", hyper={"epsilon": _EPSILON},
+        loss=lambda h, beta, epsilon: cdpo_margin_loss(h, beta=beta, epsilon=epsilon),
+        grad=_cdpo_grad, hess=lambda h, beta, epsilon: _logistic_hess(h, beta),
+        inner_scale=lambda beta: -beta, inner_=_sigmoid_shift_(lambda epsilon: -epsilon),
+        outer=lambda beta: -beta,
+    ),
+    Objective(
+        "robust_dpo", "[(1−ε)·(−log σ(βh)) − ε·(−log σ(−βh))]/(1−2ε)",
+        "Chowdhury et al. 2024, eq. 7 (robust DPO)", "policy", "difference", "pairs",
+        hyper={"epsilon": _EPSILON},
+        loss=lambda h, beta, epsilon: robust_dpo_margin_loss(h, beta=beta, epsilon=epsilon),
+        grad=_robust_grad, hess=lambda h, beta, epsilon: _logistic_hess(h, beta),
+        inner_scale=lambda beta: -beta, inner_=_sigmoid_shift_(_robust_offset),
+        outer=lambda beta: -beta,
+    ),
+    Objective(
+        "ipo", "(h − 1/(2β))²", "Azar et al. 2023, eq. 17", "policy", "difference", "pairs",
+        loss=lambda h, beta: ipo_margin_loss(h, beta=beta), grad=_ipo_grad, hess=_ipo_hess,
+    ),
+    Objective(
+        "hinge", "max(0, 1 − βh)", "Zhao et al. 2023 (SLiC), eq. 3", "policy", "difference",
+        "pairs", loss=lambda h, beta: hinge_margin_loss(h, beta=beta), grad=_hinge_grad,
+        moments=_hinge_moments, kinks=lambda beta: (1.0 / beta,),
+        inner_scale=lambda beta: beta, inner_=lambda x, **_: x.lt_(1.0),  # ℓ' = −β·1[βh < 1]
+        outer=lambda beta: -beta,
+    ),
+    Objective(
+        "reward_model", "−log σ(r(y_w) − r(y_l)), r = φ_yᵀg",
+        "Ouyang et al. 2022 (InstructGPT), eq. 1; Askell et al. 2021 (ranked preference)",
+        "reward", "difference", "pairs", uses_beta=False,
+        loss=_bt_loss, grad=_bt_grad, hess=_bt_hess,
+        inner_scale=lambda beta: -1.0 + 0 * beta, inner_=_sigmoid_shift_(lambda: 0.0),
+        outer=lambda beta: -1.0 + 0 * beta,
+    ),
+    Objective(
+        "binary", "−log σ(r(y_w)) − log σ(−r(y_l)), r = φ_yᵀg",
+        "Askell et al. 2021 (binary discrimination)", "reward", "rows", "labels",
+        uses_beta=False, row_signs=(1.0, -1.0),
+        # per row: h_Yes = s φ_Yesᵀg and h_No = −s φ_Noᵀg, each −log σ(h_r)
+        loss=_bt_loss, grad=_bt_grad, hess=_bt_hess,
+        inner_scale=lambda beta: -1.0 + 0 * beta, inner_=_sigmoid_shift_(lambda: 0.0),
+        outer=lambda beta: -1.0 + 0 * beta,
+    ),
+    Objective(
+        "sft", "−log π_W(y_w|x) = −log softmax(W g)_{y_w}",
+        "Askell et al. 2021 (imitation); Ouyang et al. 2022 (SFT)", "policy", "all",
+        "demonstrations", uses_beta=False, logit_loss=sft_loss, logit_grad=_sft_grad,
+    ),
+)}
 
 
 def get_objective(name: str, *, param: str = "objective") -> Objective:
     """The registered objective called ``name`` (unknown: ParameterError with the
     closest registered name)."""
     return OBJECTIVES[check_choice(param, name, OBJECTIVES)]
+
+
+def resolve_objective(spec, *, path: str = "objective") -> tuple[Objective, dict[str, float]]:
+    """An objective and its checked hyperparameters from a name or a table
+    ``{"name": ..., **hyperparameters}`` (the config's ``train.objective``)."""
+    if isinstance(spec, Objective):
+        return spec, spec.defaults()
+    if isinstance(spec, str):
+        return get_objective(spec, param=path), get_objective(spec, param=path).defaults()
+    if not isinstance(spec, Mapping):
+        raise ParameterError(path, spec, "must be an objective name or a table "
+                             "{ name = \"...\", <hyperparameters> }")
+    if "name" not in spec:
+        raise ParameterError(f"{path}.name", None, "is required: one of " + ", ".join(OBJECTIVES))
+    obj = get_objective(spec["name"], param=f"{path}.name")
+    return obj, obj.check_hyper({k: v for k, v in spec.items() if k != "name"}, path=path)

@@ -29,7 +29,7 @@ import torch
 
 from dynamics.metrics import BEHAVIOR_METRICS, tidy_frame
 from dynamics.model import NO, YES
-from dynamics.objectives import get_objective
+from dynamics.objectives import resolve_objective
 from synthetic.problem import Problem
 from synthetic.sampling import PreferenceSample, sample_batch
 from synthetic.validation import ParameterError, check_integer, check_number
@@ -107,7 +107,7 @@ def simulate_sample(
     lr,
     steps: int,
     reference: np.ndarray,
-    objective: str = "dpo",
+    objective="dpo",
     batch_size: int | None = None,
     delta0: np.ndarray | None = None,
     eval_every: int = 1,
@@ -116,10 +116,13 @@ def simulate_sample(
 ) -> SimulationResult:
     """Train on a batched sample (``data.features`` of shape ``(S, n, d)``).
 
-    ``reference`` is ``W0`` ``(V, d)``; ``delta0`` the starting ``Δ``: ``(d,)``
-    for every run or ``(S, P, d)`` per run (e.g. a previous result's ``final``; default 0);
-    metrics are recorded at steps ``0, eval_every, …, steps``;
-    ``progress(k)`` is called after each step with the number of steps done.
+    ``objective`` is a registered name or a table ``{"name": ..., **hyperparameters}``
+    (:func:`dynamics.objectives.resolve_objective`). ``reference`` is ``W0``
+    ``(V, d)``; ``delta0`` the objective's starting parameter ``θ`` (default 0):
+    for the ``difference`` view ``(d,)`` or ``(S, P, d)`` (e.g. a previous
+    result's ``final``), for the others ``(R, d)`` or ``(S, P, R, d)`` with ``R``
+    the objective's rows (``V`` for the ``all`` view). Metrics are recorded at
+    steps ``0, eval_every, …, steps``; ``progress(k)`` is called after each step.
     """
     x, s = data.features, data.signs  # (S, n, d), (S, n)
     if x.dim() != 3:
@@ -131,142 +134,251 @@ def simulate_sample(
     eval_every = check_integer("eval_every", eval_every, ge=1)
     if batch_size is not None:
         batch_size = check_integer("batch_size", batch_size, ge=1, le=n)
-    obj = get_objective(objective)
+    obj, hyper = resolve_objective(objective)
     beta_np, lr_np = _as_configs(beta, lr)
     dtype, device = x.dtype, x.device
-    t = lambda a: torch.as_tensor(np.asarray(a), dtype=dtype, device=device)  # noqa: E731
-    beta_t, lr_t = t(beta_np), t(lr_np)  # (P,)
-    num_configs = len(beta_np)
-
-    w0 = t(reference)
-    if w0.shape[1] != dim:
+    w0 = torch.as_tensor(np.asarray(reference), dtype=dtype, device=device)
+    if w0.dim() != 2 or w0.shape[1] != dim:
         raise ParameterError("reference", tuple(w0.shape), f"must have {dim} columns")
-    # Signed features s·g, once: the margin is h = Δᵀ(s g) and the gradient of
-    # the mean loss is mean_j ℓ'(h_j) s_j g_j, so no step touches the signs.
-    xs = x * s[..., None]  # (S, n, d)
-    xs_t = xs.transpose(1, 2)  # (S, d, n), a view
-    evaluate = _Evaluator(x, s, xs, w0, data.behavior, len(data.names), obj, beta_t[:, None],
-                          num_configs)
-
-    # Runs as rows: Δ is (S, P, d) and margins are (S, P, n), so the forward
-    # Δ (s g)ᵀ and the backward r (s g) are matrix products with row-major
-    # outputs, fast both for many configurations of one sample and for many
-    # seeds with one configuration each.
-    delta = torch.zeros(num_seeds, num_configs, dim, dtype=dtype, device=device)
+    rows = obj.rows or w0.shape[0]
+    shape = (num_seeds, len(beta_np), rows, dim)
+    theta = torch.zeros(shape, dtype=dtype, device=device)
     if delta0 is not None:
-        start = torch.as_tensor(delta0, dtype=dtype, device=device)
-        if start.shape not in ((dim,), tuple(delta.shape)):
-            raise ParameterError("delta0", tuple(start.shape),
-                                 f"must have shape ({dim},) or {tuple(delta.shape)}")
-        delta += start
+        start = torch.as_tensor(np.asarray(delta0) if not isinstance(delta0, torch.Tensor)
+                                else delta0, dtype=dtype, device=device)
+        if obj.view == "difference" and start.shape in ((dim,), shape[:2] + (dim,)):
+            start = start.unsqueeze(-2)
+        if start.shape not in ((rows, dim), shape):
+            allowed = f"({dim},) or {shape[:2] + (dim,)}" if obj.view == "difference" else (
+                f"({rows}, {dim}) or {shape}")
+            raise ParameterError("delta0", tuple(start.shape), f"must have shape {allowed}")
+        theta += start
+    engine = _SoftmaxEngine if obj.view == "all" else _MarginEngine
+    run = engine(data, obj, hyper, beta_np, lr_np, w0, theta, batch_size, seeds)
     record = np.unique(np.r_[np.arange(0, steps + 1, eval_every), steps])
     wanted = set(record.tolist())
     store = {name: [] for name in BEHAVIOR_METRICS}
     norms, kept = [], []
-    beta_col = beta_t[:, None]  # (P, 1) broadcasts against (S, P, n)
-
-    # The step Δ += r xs with r = −2·lr·ℓ'(h)/B is gradient descent with step lr
-    # on W. With the objective's logit form ℓ'(h) = outer(β)·inner_(b·h), b =
-    # inner_scale(β), the loop carries Φ = bΔ instead: Φ xsᵀ is inner_'s
-    # argument, and Φ += b·(−2 lr/B)·outer(β)·inner_(Φ xsᵀ) xs (two passes).
-    scale = (-2.0 / (batch_size or n)) * lr_t[:, None]  # (P, 1)
-    if obj.inner_ is not None:
-        to_param = obj.inner_scale(beta_col)  # (P, 1): Φ = to_param · Δ
-        coef = to_param * scale * obj.outer(beta_col)
-        step_r = obj.inner_
-    else:
-        to_param = torch.ones_like(beta_col)
-        coef = scale
-        step_r = lambda h: obj.grad(h, beta_col)  # noqa: E731
-    param = delta * to_param  # updated in place from here on
-
-    # The step's (S, P, B) margins land in one buffer allocated once (a fresh
-    # tensor per step measured ~5% slower at n = 500, d = 16).
-    margins = torch.empty(num_seeds, num_configs, batch_size or n, dtype=dtype, device=device)
-    batches = _BatchStream(seeds, n, batch_size, device) if batch_size else None
     for k in range(steps + 1):
-        w_full = None
-        if k in wanted:  # full-batch margins, reused by the step when it is full batch
-            w_full = torch.bmm(param, xs_t, out=margins if batches is None else None)
-            delta = param / to_param
-            for name, value in evaluate(w_full, to_param).items():
+        if k in wanted:
+            for name, value in run.evaluate().items():
                 store[name].append(value)  # (S, P, K)
-            norms.append(delta.norm(dim=-1) / np.sqrt(2))
+            norms.append(run.weight_change())
             if keep_deltas:
-                kept.append(delta)
+                kept.append(run.theta())
         if k == steps:
             break
-        if batches is None:
-            xb = xs
-            if w_full is None:
-                torch.bmm(param, xs_t, out=margins)
-        else:
-            idx = batches.next()  # (S, B)
-            xb = xs[torch.arange(num_seeds, device=device)[:, None], idx]  # (S, B, d)
-            torch.bmm(param, xb.transpose(1, 2), out=margins)  # (S, P, B)
-        param.baddbmm_(step_r(margins).mul_(coef), xb)  # the margins are consumed
+        run.step()
         if progress is not None:
             progress(k + 1)
 
     per_behavior = {name: torch.stack(v).cpu().double().numpy()
                     for name, v in store.items()}  # (E, S, P, K)
-    deltas = torch.stack(kept) if keep_deltas else None
+    final = run.theta()
+    if obj.view == "difference":  # (S, P, d) as the DPO family has always returned it
+        final, kept = final[:, :, 0], [t[:, :, 0] for t in kept]
     return SimulationResult(
         steps=record, seeds=list(seeds), beta=beta_np, lr=lr_np, names=tuple(data.names),
         per_behavior=per_behavior, weight_change=torch.stack(norms).cpu().double().numpy(),
-        final=param / to_param, deltas=deltas,
+        final=final, deltas=torch.stack(kept) if keep_deltas else None,
     )
 
 
-class _Evaluator:
-    """Per-behavior metrics ``(S, P, K)`` of every run from its margins.
+class _MarginEngine:
+    """Gradient descent for the margin views, every run at once.
 
-    Built once per call from the sample ``x`` ``(S, n, d)``, signs ``s``
-    ``(S, n)``, signed features ``xs``, reference ``w0`` ``(V, d)`` and each
-    sample's behavior ``(n,)``; ``beta`` is ``(P, 1)``. Called with the margin
-    product ``w = Φ xsᵀ`` ``(S, P, n)`` and ``to_param`` (``h = w / to_param``).
+    The rows of every run are the rows of one batched matrix product: ``θ`` is
+    carried as ``(S, P·R, d)`` with the row signs absorbed (``θ̃_r = σ_r θ_r``),
+    so ``h_r = θ̃_rᵀ(s g)`` and, for an objective ``ℓ(h)`` and view gain ``G``,
 
-    Per-behavior means are linear, so only the per-sample quantities that are
-    not linear in ``h`` are formed (loss, two signs, the log-partition shift),
-    written into one buffer ``(5, S, P, n)`` with ``h``, samples in behavior
-    order, and averaged by one sum per behavior over its contiguous block (a
-    product with an ``(n, K)`` share matrix is ~10× slower at small ``K``):
+        θ̃ ← θ̃ − G·lr · mean_j[ ℓ'(h_j) s_j g_j ]        (over the batch),
 
-    * accuracies from signs: ``1[x>0] + ½·1[x=0] = (sign x + 1)/2``;
-    * rewards: ``β(±h/2 − shift)`` and ``βh`` from the means of ``h`` and
-      ``shift = log Z − log Z0 = log(π0(Yes) e^{sh/2} + π0(No) e^{−sh/2} + π0(rest))``
-      (``Δᵀg = s h`` moves the Yes and No logits by ``±Δᵀg/2``).
+    i.e. gradient descent with step ``lr`` on the matrix rows (THEORY §1, exact).
+    With the objective's logit form ``ℓ'(h) = outer(β)·inner_(b·h)`` the loop
+    carries ``Φ = bθ̃``: ``Φ (s g)ᵀ`` is ``inner_``'s argument and a step is two
+    elementwise passes. Runs as rows keep every output row-major, fast both for
+    many configurations of one sample and for many seeds.
     """
 
-    def __init__(self, x, s, xs, w0, behavior, num_behaviors, obj, beta, num_configs):
+    def __init__(self, data, obj, hyper, beta, lr, w0, theta, batch_size, seeds):
+        x, s = data.features, data.signs
+        num_seeds, n, dim = x.shape
+        dtype, device = x.dtype, x.device
+        self.obj, self.hyper, self.shape = obj, hyper, theta.shape  # (S, P, R, d)
+        rows = theta.shape[2]
+        t = lambda a: torch.as_tensor(np.asarray(a), dtype=dtype, device=device)  # noqa: E731
+        beta_t, lr_t = t(beta), t(lr)
+        # Signed features s·g, once: the margin is h = θ̃ᵀ(s g) and the gradient of
+        # the mean loss is mean_j ℓ'(h_j) s_j g_j, so no step touches the signs.
+        self.xs = x * s[..., None]  # (S, n, d)
+        self.xs_t = self.xs.transpose(1, 2)  # (S, d, n), a view
+        self.row_signs = t(obj.row_signs)[:, None]  # (R, 1)
+        self.beta_rows = beta_t.repeat_interleave(rows)[:, None]  # (P·R, 1)
+        scale = (-obj.gain / (batch_size or n)) * lr_t.repeat_interleave(rows)[:, None]
+        if obj.inner_ is not None:
+            self.to_param = obj.inner_scale(self.beta_rows)  # (P·R, 1): Φ = to_param · θ̃
+            self.coef = self.to_param * scale * obj.outer(self.beta_rows)
+            self.step_r = lambda w: obj.inner_(w, **hyper)
+        else:
+            self.to_param = torch.ones_like(self.beta_rows)
+            self.coef = scale
+            self.step_r = lambda w: obj.grad(w, self.beta_rows, **hyper)
+        signed = theta * self.row_signs  # θ̃
+        self.param = signed.reshape(num_seeds, -1, dim) * self.to_param  # (S, P·R, d)
+        self.evaluator = _Evaluator(data, self.xs, w0, obj, hyper, beta_t[:, None], rows)
+        # The step's (S, P·R, B) margins land in one buffer allocated once (a fresh
+        # tensor per step measured ~5% slower at n = 500, d = 16); the full-batch
+        # margins of an evaluation are reused by the next full-batch step.
+        self.margins = torch.empty(num_seeds, self.param.shape[1], batch_size or n, dtype=dtype,
+                                   device=device)
+        self.batches = _BatchStream(seeds, n, batch_size, device) if batch_size else None
+        self.fresh = False
+
+    def theta(self) -> torch.Tensor:
+        """The objective's parameter ``θ`` ``(S, P, R, d)`` (row signs undone)."""
+        return (self.param / self.to_param).reshape(self.shape) * self.row_signs
+
+    def weight_change(self) -> torch.Tensor:
+        """``‖W − W0‖_F`` per run ``(S, P)``: ``‖Δ‖/√2`` for the policy's difference,
+        0 for a reward head (the policy does not move)."""
+        if self.obj.block != "policy":
+            return torch.zeros(self.shape[:2], dtype=self.param.dtype, device=self.param.device)
+        return self.theta()[:, :, 0].norm(dim=-1) / np.sqrt(2)
+
+    def evaluate(self) -> dict[str, torch.Tensor]:
+        full = self.margins if self.batches is None else None
+        w = torch.bmm(self.param, self.xs_t, out=full)  # (S, P·R, n)
+        self.fresh = self.batches is None
+        return self.evaluator(w.view(*self.shape[:3], -1), self.to_param.view(-1, self.shape[2], 1))
+
+    def step(self) -> None:
+        if self.batches is None:
+            xb = self.xs
+            if not self.fresh:
+                torch.bmm(self.param, self.xs_t, out=self.margins)
+        else:
+            idx = self.batches.next()  # (S, B)
+            xb = self.xs[torch.arange(self.xs.shape[0], device=idx.device)[:, None], idx]
+            torch.bmm(self.param, xb.transpose(1, 2), out=self.margins)  # (S, P·R, B)
+        self.fresh = False
+        self.param.baddbmm_(self.step_r(self.margins).mul_(self.coef), xb)  # margins consumed
+
+
+class _SoftmaxEngine:
+    """Gradient descent on every row of the policy (the ``all`` view):
+
+        W ← W − lr · mean_j[ ∂ℓ/∂logits_j g_jᵀ ],   logits_j = W g_j,
+
+    carried as ``W = W0 + D`` of shape ``(S, P·V, d)`` (runs × rows as matrix rows).
+    """
+
+    def __init__(self, data, obj, hyper, beta, lr, w0, theta, batch_size, seeds):
+        x, s = data.features, data.signs
+        num_seeds, n, dim = x.shape
+        dtype, device = x.dtype, x.device
+        self.obj, self.shape, self.w0 = obj, theta.shape, w0  # (S, P, V, d)
+        vocab = w0.shape[0]
+        self.x, self.x_t = x, x.transpose(1, 2)
+        self.chosen = torch.where(s > 0, YES, NO)[:, None, None, :]  # (S, 1, 1, n): y_w
+        lr_t = torch.as_tensor(lr, dtype=dtype, device=device)
+        self.scale = (-lr_t / (batch_size or n)).repeat_interleave(vocab)[:, None]  # (P·V, 1)
+        self.weights = (theta + w0).reshape(num_seeds, -1, dim)  # (S, P·V, d)
+        self.evaluator = _Evaluator(data, x * s[..., None], w0, obj, {},
+                                    torch.as_tensor(beta, dtype=dtype, device=device)[:, None],
+                                    vocab)
+        self.batches = _BatchStream(seeds, n, batch_size, device) if batch_size else None
+
+    def theta(self) -> torch.Tensor:
+        """``D = W − W0`` ``(S, P, V, d)``."""
+        return self.weights.reshape(self.shape) - self.w0
+
+    def weight_change(self) -> torch.Tensor:
+        return self.theta().flatten(-2).norm(dim=-1)  # ‖W − W0‖_F
+
+    def _logits(self, x_t) -> torch.Tensor:
+        return torch.bmm(self.weights, x_t).view(*self.shape[:3], -1)  # (S, P, V, n)
+
+    def evaluate(self) -> dict[str, torch.Tensor]:
+        return self.evaluator.softmax(self._logits(self.x_t), self.chosen)
+
+    def step(self) -> None:
+        if self.batches is None:
+            xb, chosen = self.x, self.chosen
+        else:
+            idx = self.batches.next()  # (S, B)
+            rows = torch.arange(self.x.shape[0], device=idx.device)[:, None]
+            xb = self.x[rows, idx]
+            chosen = self.chosen[:, 0, 0][rows, idx][:, None, None]
+        coef = self.obj.logit_grad(self._logits(xb.transpose(1, 2)), chosen)  # (S, P, V, B)
+        self.weights.baddbmm_(coef.flatten(1, 2).mul_(self.scale), xb)
+
+
+class _Evaluator:
+    """Per-behavior metrics ``(S, P, K)`` of every run (the table in
+    :mod:`dynamics.metrics`), from per-sample rows averaged per behavior.
+
+    Built once per call from the sample, the signed features ``xs`` ``(S, n, d)``,
+    the reference ``w0`` ``(V, d)``, the objective and ``beta`` ``(P, 1)``. Five
+    per-sample rows are written into one buffer ``(5, S, P, n)``, samples in
+    behavior order, and averaged by one sum per behavior over its contiguous
+    block (a product with an ``(n, K)`` share matrix is ~10× slower at small
+    ``K``); only the rows that are not linear in the parameters are formed:
+
+    * accuracies from signs: ``1[x>0] + ½·1[x=0] = (sign x + 1)/2``;
+    * policy difference (DPO family): rows ``h``, loss, two signs and the
+      log-partition shift ``log Z − log Z0 = log(π0(Yes) e^{sh/2} + π0(No)
+      e^{−sh/2} + π0(rest))`` (``Δᵀg = s h`` moves the Yes and No logits by
+      ``±Δᵀg/2``), and the rewards ``β(±h/2 − shift)`` from their means;
+    * a reward head: its rewards ``r(y_w)``, ``r(y_l)`` directly, the policy's
+      ranking accuracy at the reference;
+    * every row of the policy (:meth:`softmax`): log-probabilities from the
+      logits.
+    """
+
+    def __init__(self, data, xs, w0, obj, hyper, beta, rows):
+        x, s, behavior = data.features, data.signs, data.behavior
         num_seeds, n, _ = x.shape
-        self.obj, self.beta = obj, beta
+        num_configs = beta.shape[0]
+        self.obj, self.hyper, self.beta = obj, hyper, beta
         # Samples in behavior order (sample_batch's already are: then no copy).
         order = torch.argsort(behavior, stable=True)
         self.order = None if bool((order == torch.arange(n, device=x.device)).all()) else order
         if self.order is not None:
             x, s, xs = x[:, order], s[:, order], xs[:, order]
-        counts = torch.bincount(behavior, minlength=num_behaviors)
+        counts = torch.bincount(behavior, minlength=len(data.names))
         self.counts = counts.tolist()
         self.inverse_counts = 1 / counts.to(x.dtype)  # (K,): an empty behavior gives NaN means
-        log_pi0 = torch.log_softmax(x @ w0.T, -1)  # (S, n, V): the reference policy, once
+        self.logits0 = x @ w0.T  # (S, n, V)
+        log_pi0 = torch.log_softmax(self.logits0, -1)  # (S, n, V): the reference policy, once
+        self.log_pi0 = log_pi0.transpose(1, 2)[:, None]  # (S, 1, V, n)
         self.log_yes = log_pi0[:, None, :, YES]  # (S, 1, n)
         self.log_no = log_pi0[:, None, :, NO]
         others = torch.ones(w0.shape[0], dtype=torch.bool, device=x.device)
         others[[YES, NO]] = False
         self.log_rest = (torch.logsumexp(log_pi0[..., others], -1)[:, None]
                          if others.any() else None)
-        self.half_s = (s / 2)[:, None]  # (S, 1, n)
+        self.s = s[:, None]  # (S, 1, n)
+        self.half_s = self.s / 2
         self.rank0 = (xs @ (w0[YES] - w0[NO]))[:, None]  # (S, 1, n): s u0ᵀg
         self.buffer = torch.empty(5, num_seeds, num_configs, n, dtype=x.dtype, device=x.device)
         self.scratch = torch.empty(num_seeds, num_configs, n, dtype=x.dtype, device=x.device)
 
+    def _means(self) -> torch.Tensor:
+        sums = [block.sum(-1) for block in self.buffer.split(self.counts, -1)]
+        return torch.stack(sums, -1) * self.inverse_counts  # (5, S, P, K)
+
+    def _ordered(self, w: torch.Tensor) -> torch.Tensor:
+        return w if self.order is None else w.index_select(-1, self.order)
+
     def __call__(self, w: torch.Tensor, to_param: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Metrics from the margin product ``w = Φ (s g)ᵀ`` ``(S, P, R, n)`` of a
+        margin view (``h_r = w_r / to_param_r``, ``to_param`` ``(R, 1)`` per run)."""
+        w = self._ordered(w)
+        if self.obj.block == "reward":
+            return self._reward(w / to_param)
         h, loss, acc, racc, shift = self.buffer
-        if self.order is not None:
-            w = w.index_select(-1, self.order)
-        torch.div(w, to_param, out=h)
-        loss.copy_(self.obj.loss(h, self.beta))
+        torch.div(w[:, :, 0], to_param[:, 0], out=h)
+        loss.copy_(self.obj.loss(h, self.beta, **self.hyper))
         torch.sign(torch.add(h, self.rank0, out=acc), out=acc)
         torch.sign(h, out=racc)
         torch.addcmul(self.log_yes, h, self.half_s, out=shift)
@@ -274,9 +386,7 @@ class _Evaluator:
         torch.logaddexp(shift, self.scratch, out=shift)
         if self.log_rest is not None:
             torch.logaddexp(shift, self.log_rest, out=shift)
-        sums = [block.sum(-1) for block in self.buffer.split(self.counts, -1)]
-        means = torch.stack(sums, -1) * self.inverse_counts  # (5, S, P, K)
-        h_mean, loss_mean, acc_mean, racc_mean, shift_mean = means
+        h_mean, loss_mean, acc_mean, racc_mean, shift_mean = self._means()
         beta = self.beta  # (P, 1) against (S, P, K)
         return {
             "loss": loss_mean,
@@ -285,6 +395,58 @@ class _Evaluator:
             "rewards/chosen": beta * (h_mean / 2 - shift_mean),
             "rewards/rejected": beta * (-h_mean / 2 - shift_mean),
             "rewards/margins": beta * h_mean,
+        }
+
+    def _reward(self, h: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A reward head's margins ``h`` ``(S, P, R, n)``: R = 1, ``h = sψᵀg`` with
+        ``ψ = φ_Yes − φ_No`` (the head symmetric, ``φ_Yes + φ_No = 0``: rewards
+        ``±h/2``); R = 2, ``h_Yes = s φ_Yesᵀg`` and ``h_No = −s φ_Noᵀg``, whence
+        ``r(y_w) − r(y_l) = h_Yes + h_No`` and ``r(y_w) = h_Yes`` if ``s > 0`` else
+        ``h_No``."""
+        loss, acc, racc, chosen, rejected = self.buffer
+        loss.copy_(self.obj.loss(h, self.beta[..., None], **self.hyper).sum(2))
+        margin = h.sum(2)  # (S, P, n): r(y_w) − r(y_l)
+        acc.copy_(torch.sign(self.rank0).expand_as(acc))  # the policy is the reference
+        torch.sign(margin, out=racc)
+        if h.shape[2] == 1:
+            torch.mul(margin, 0.5, out=chosen)
+        else:
+            torch.where(self.s > 0, h[:, :, 0], h[:, :, 1], out=chosen)
+        torch.sub(chosen, margin, out=rejected)
+        loss_mean, acc_mean, racc_mean, chosen_mean, rejected_mean = self._means()
+        return {
+            "loss": loss_mean,
+            "accuracy": (acc_mean + 1) / 2,
+            "reward_accuracy": (racc_mean + 1) / 2,
+            "rewards/chosen": chosen_mean,
+            "rewards/rejected": rejected_mean,
+            "rewards/margins": chosen_mean - rejected_mean,
+        }
+
+    def softmax(self, logits: torch.Tensor, chosen: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Metrics from the policy's logits ``(S, P, V, n)`` (every row trained)."""
+        logits = self._ordered(logits)
+        if self.order is not None:
+            chosen = chosen.index_select(-1, self.order)
+        loss, acc, racc, chosen_r, rejected_r = self.buffer
+        loss.copy_(self.obj.logit_loss(logits, chosen))
+        logp = torch.log_softmax(logits, dim=-2) - self.log_pi0  # log π/π0 (S, P, V, n)
+        s = self.s
+        torch.sign(s * (logits[:, :, YES] - logits[:, :, NO]), out=acc)
+        implicit = logp[:, :, YES] - logp[:, :, NO]  # (S, P, n): Δᵀg
+        torch.sign(s * implicit, out=racc)
+        positive = s > 0
+        torch.mul(torch.where(positive, logp[:, :, YES], logp[:, :, NO]), self.beta, out=chosen_r)
+        torch.mul(torch.where(positive, logp[:, :, NO], logp[:, :, YES]), self.beta,
+                  out=rejected_r)
+        loss_mean, acc_mean, racc_mean, chosen_mean, rejected_mean = self._means()
+        return {
+            "loss": loss_mean,
+            "accuracy": (acc_mean + 1) / 2,
+            "reward_accuracy": (racc_mean + 1) / 2,
+            "rewards/chosen": chosen_mean,
+            "rewards/rejected": rejected_mean,
+            "rewards/margins": chosen_mean - rejected_mean,
         }
 
 

@@ -92,6 +92,37 @@ class Family:
             return y.nodes, y.weights * density, np.abs(y.nodes) / np.sqrt(2.0) + 0.5
         return None
 
+    def projection_pdf(self, x):
+        """Density of the standardised projection ``Y`` (scale mixtures only)."""
+        x = np.asarray(x, dtype=np.float64)
+        if self.name == "gaussian":
+            return np.exp(-x**2 / 2) / np.sqrt(2 * np.pi)
+        if self.name == "laplace":
+            return np.exp(-np.sqrt(2.0) * np.abs(x)) / np.sqrt(2.0)
+        raise ValueError(f"the {self.name} family has no closed-form projection law")
+
+    def stein_weight(self, x):
+        """``E[w | Y = x]``, the weight of Stein's lemma for the scale mixture
+        (1 for Gaussians; ``|x|/√2 + ½`` for Laplace, see :meth:`projection_rule`)."""
+        x = np.asarray(x, dtype=np.float64)
+        if self.name == "gaussian":
+            return np.ones_like(x)
+        if self.name == "laplace":
+            return np.abs(x) / np.sqrt(2.0) + 0.5
+        raise ValueError(f"the {self.name} family has no closed-form projection law")
+
+    def partial_expectation(self, c):
+        """``E[(c − Y)₊]`` for the standardised projection (the hinge's mean):
+        ``cΦ(c) + φ(c)`` for Gaussians; for Laplace ``e^{√2c}/(2√2)`` when
+        ``c < 0`` and ``c + e^{−√2c}/(2√2)`` otherwise (``∫_{−∞}^c P(Y ≤ y) dy``)."""
+        c = np.asarray(c, dtype=np.float64)
+        if self.name == "gaussian":
+            return c * special.ndtr(c) + np.exp(-c**2 / 2) / np.sqrt(2 * np.pi)
+        if self.name == "laplace":
+            tail = np.exp(-np.sqrt(2.0) * np.abs(c)) / (2 * np.sqrt(2.0))
+            return np.where(c < 0, tail, c + tail)
+        raise ValueError(f"the {self.name} family has no closed-form projection law")
+
     def projection_cdf(self, x):
         """``P(Y ≤ x)`` for the standardised projection (Gaussian scale mixtures
         only): ``Φ(x)``, or ``1 − ½e^{−√2x}`` / ``½e^{√2x}`` for Laplace."""
