@@ -120,7 +120,8 @@ class PopulationFlow:
         self._np = {
             "cov": np.asarray(mixture.covs, dtype=np.float64),  # (C, d, d)
             "s_mu": sign[:, None] * mixture.means,  # (C, d): s_c μ_c
-            "mean_term": -self.objective.gain * (pi * sign)[:, None] * mixture.means,  # −G π_c s_c μ_c
+            # −G π_c s_c μ_c (G the view's gain)
+            "mean_term": -self.objective.gain * (pi * sign)[:, None] * mixture.means,
             "cov_term": -self.objective.gain * pi,  # −G π_c
         }
 
@@ -445,6 +446,7 @@ def population_descent(
     delta0: np.ndarray | None = None,
     continuous: bool = False,
     eval_every: int = 1,
+    train_mixture: Mixture | None = None,
     **flow_options,
 ) -> PopulationTrajectory:
     """Population gradient descent with step ``lr`` (or the continuous flow).
@@ -453,13 +455,17 @@ def population_descent(
     last step always included); ``t = lr·step``. ``objective`` is a name or a
     table with hyperparameters; ``delta0`` (default 0: the policy at the
     reference, a reward head at zero) sets ``θ`` at step 0, shaped like
-    :attr:`PopulationFlow.shape`.
+    :attr:`PopulationFlow.shape`. ``train_mixture`` (default ``mixture``) is the
+    population trained on, e.g. a subset of the behaviors; the metrics are those
+    of ``mixture``.
     """
     lr = check_number("lr", lr, gt=0)
     steps = check_integer("steps", steps, ge=1)
     eval_every = check_integer("eval_every", eval_every, ge=1)
     flow = PopulationFlow(mixture, beta=beta, reference=reference, objective=objective,
                           **flow_options)
+    trainer = flow if train_mixture is None else PopulationFlow(
+        train_mixture, beta=beta, reference=reference, objective=objective, **flow_options)
     record = np.unique(np.r_[np.arange(0, steps + 1, eval_every), steps])
     shape = flow.shape
     start = np.zeros(shape) if delta0 is None else np.asarray(delta0, dtype=np.float64)
@@ -467,10 +473,10 @@ def population_descent(
         from synthetic.validation import ParameterError
 
         raise ParameterError("delta0", start.shape, f"must have shape {shape}")
-    if flow.objective.view == "difference" and flow.exact:
-        step = flow.drift_np  # the DPO family's fast path: NumPy, no reshaping
+    if trainer.objective.view == "difference" and trainer.exact:
+        step = trainer.drift_np  # the DPO family's fast path: NumPy, no reshaping
     else:
-        step = lambda v: flow.drift(v.reshape(shape)).numpy().reshape(-1)  # noqa: E731
+        step = lambda v: trainer.drift(v.reshape(shape)).numpy().reshape(-1)  # noqa: E731
     if continuous:
         sol = integrate.solve_ivp(
             lambda _, y: step(y), (0.0, lr * steps), start.reshape(-1), t_eval=lr * record,

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dynamics.objectives import OBJECTIVES
+from dynamics.objectives import OBJECTIVES, resolve_objective
 from synthetic.families import FAMILIES
 from synthetic.problem import Behavior, Problem, behaviors_with_angles, isotropic
 from synthetic.validation import (
@@ -33,7 +33,8 @@ from synthetic.validation import (
 )
 
 __all__ = ["Key", "SCHEMA", "BEHAVIOR_KEYS", "load_config", "read_toml", "parse_config",
-           "apply_override", "build_problem", "dump_config", "config_reference"]
+           "apply_override", "descend", "build_problem", "dump_config", "config_reference",
+           "objective_name", "PHASE_KEYS", "phases_of"]
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,29 @@ def _any(name, v):
     return v
 
 
+def _objective(name, v):
+    """A registered objective's name, or a table ``{ name = ..., <hyperparameters> }``;
+    resolved to the name alone when the objective has no hyperparameters, else to
+    the table with every hyperparameter filled in."""
+    obj, hyper = resolve_objective(v, path=name)
+    return {"name": obj.name, **hyper} if obj.hyper else obj.name
+
+
+def objective_name(spec) -> str:
+    """The objective's name in a resolved ``train.objective`` (a name or a table)."""
+    return spec if isinstance(spec, str) else spec["name"]
+
+
+def _objective_doc() -> str:
+    parts = []
+    for obj in OBJECTIVES.values():
+        keys = ", ".join(f"{k} ({spec.rule()}, default {spec.default:g})"
+                         for k, spec in obj.hyper.items())
+        parts.append(f"`{obj.name}` {obj.formula}" + (f" [keys: {keys}]" if keys else ""))
+    return ("objective: a name, or an inline table with the objective's own keys, e.g. "
+            "`{ name = \"cdpo\", epsilon = 0.1 }`: " + "; ".join(parts))
+
+
 SCHEMA: dict[str, dict[str, Key]] = {
     "problem": {
         "dim": Key(None, _int(ge=1), "embedding dimension d", required=True),
@@ -106,8 +130,9 @@ SCHEMA: dict[str, dict[str, Key]] = {
                          "random one)"),
     },
     "train": {
-        "objective": Key("dpo", _choice(OBJECTIVES), "objective: " + ", ".join(OBJECTIVES)),
-        "beta": Key(1.0, _num(gt=0), "β > 0: inverse temperature of the objective"),
+        "objective": Key("dpo", _objective, _objective_doc()),
+        "beta": Key(1.0, _num(gt=0), "β > 0: inverse temperature of the objective (the KL "
+                    "scale of the policy objectives; a reward head's objectives ignore it)"),
         "lr": Key(0.5, _num(gt=0), "step size η > 0 on W (t = lr·step)"),
         "steps": Key(200, _int(ge=1), "number of optimisation steps ≥ 1"),
         "n": Key(2000, _int(ge=2), "training statements per seed (≥ 2), split across "
@@ -125,6 +150,9 @@ SCHEMA: dict[str, dict[str, Key]] = {
                      "reference, or one aligned by align_steps of DPO on the unflipped data"),
         "align_steps": Key(200, _int(ge=1), "steps of the aligning phase when start = "
                            "\"aligned\" (same beta, lr, sample; not recorded)"),
+        "phases": Key(None, _any, "array of tables [[train.phases]], keys below: an ordered "
+                      "list of training phases, each from where the last left the model "
+                      "(replaces objective, steps, flip, start and align_steps)"),
     },
     "theory": {
         "population": Key(True, _bool, "compute the population prediction (source = "
@@ -158,6 +186,20 @@ BEHAVIOR_KEYS: dict[str, Key] = {
                    "(diagonal) or a number (times I)"),
     "cov_neg": Key(None, _any, "explicit Σ⁻ (same forms; default: cov_pos)"),
 }
+
+PHASE_KEYS: dict[str, Key] = {
+    "objective": Key(None, _objective, "the phase's objective (a name or a table, as "
+                     "train.objective)", required=True),
+    "steps": Key(None, _int(ge=1), "optimisation steps of the phase", required=True),
+    "lr": Key(None, _num(gt=0), "step size (default: train.lr)"),
+    "behaviors": Key(None, _any, "names of the behaviors trained on (default: all; "
+                     "metrics are always for all)"),
+    "flip": Key(False, _bool, "train on flipped preferences (metrics against them)"),
+    "record": Key(True, _bool, "keep the phase's metrics (an unrecorded phase only "
+                  "prepares the next, and does not advance the step count)"),
+}
+SHORTHAND = ("objective", "steps", "flip", "start", "align_steps")
+"""train keys that ``[[train.phases]]`` replaces (an error to give both)."""
 
 EXPLICIT = ("mu_pos", "mu_neg", "cov_pos", "cov_neg")
 BUILDER = ("distinguishability", "sigma", "direction", "center")
@@ -209,11 +251,39 @@ def parse_config(raw: dict) -> dict:
             del table["sigma"]  # a builder default: meaningless for explicit behaviors
     config["problem"]["behaviors"] = filled
     train = config["train"]
+    if "phases" in train:
+        train["phases"] = _phases(train["phases"], raw.get("train", {}), behaviors)
     if "batch_size" in train and train["batch_size"] > train["n"]:
         raise ParameterError("train.batch_size", train["batch_size"],
                              f"must be <= train.n = {train['n']}")
     build_problem(config)  # every numeric check on means and covariances, with paths
     return config
+
+
+def _phases(phases, given: dict, behaviors: list) -> list[dict]:
+    """Validate ``[[train.phases]]``: a non-empty list of tables of PHASE_KEYS whose
+    behaviors name behaviors of the problem."""
+    if not isinstance(phases, list) or not phases:
+        raise ParameterError("train.phases", phases, "must be one or more [[train.phases]] "
+                             "tables")
+    both = [k for k in SHORTHAND if k in given]
+    if both:
+        raise ParameterError(f"train.{both[0]}", given[both[0]], "cannot be given together "
+                             "with [[train.phases]] (set it in each phase)")
+    names = [b.get("name") for b in behaviors]
+    out = []
+    for i, table in enumerate(phases):
+        path = f"train.phases.{i}"
+        phase = _fill(path, table, PHASE_KEYS)
+        if "behaviors" in phase:
+            chosen = phase["behaviors"]
+            if not isinstance(chosen, list) or not chosen:
+                raise ParameterError(f"{path}.behaviors", chosen,
+                                     "must be a non-empty list of behavior names")
+            for j, name in enumerate(chosen):
+                check_choice(f"{path}.behaviors.{j}", name, names)
+        out.append(phase)
+    return out
 
 
 def read_toml(path: str | Path | None, text: str | None = None) -> dict:
@@ -260,7 +330,7 @@ def apply_override(raw: dict, item: str) -> None:
             index = _index(".".join(path), part, node)
             node = node[index]
         else:
-            node = node.setdefault(part, {})
+            node = descend(node, part)
     last = parts[-1]
     if isinstance(node, list):
         node[_index(key, last, node)] = value
@@ -268,6 +338,16 @@ def apply_override(raw: dict, item: str) -> None:
         node[last] = value
     else:
         raise ParameterError("--set", item, f"cannot set a key inside {'.'.join(path)}")
+
+
+def descend(node: dict, part: str):
+    """``node[part]``, created as a table if missing; a name given where a table
+    may stand (``objective = "cdpo"``) becomes ``{ name = "cdpo" }``, so that
+    ``train.objective.epsilon=0.1`` extends it."""
+    child = node.setdefault(part, {})
+    if isinstance(child, str):
+        child = node[part] = {"name": child}
+    return child
 
 
 def _index(name: str, part: str, node: list) -> int:
@@ -374,12 +454,13 @@ def dump_config(config: dict) -> str:
     out = []
     for section, table in config.items():
         out.append(f"[{section}]")
-        out += [f"{k} = {_toml(v)}" for k, v in table.items() if k != "behaviors"]
+        out += [f"{k} = {_toml(v)}" for k, v in table.items() if k not in ("behaviors", "phases")]
         out.append("")
-        for behavior in table.get("behaviors", []):
-            out.append(f"[[{section}.behaviors]]")
-            out += [f"{k} = {_toml(v)}" for k, v in behavior.items()]
-            out.append("")
+        for key in ("behaviors", "phases"):
+            for item in table.get(key, []):
+                out.append(f"[[{section}.{key}]]")
+                out += [f"{k} = {_toml(v)}" for k, v in item.items()]
+                out.append("")
     return "\n".join(out)
 
 
@@ -395,6 +476,8 @@ def _toml(value) -> str:
         return json.dumps(value, ensure_ascii=False)
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, dict):  # an inline table
+        return "{ " + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + " }"
     raise TypeError(f"cannot write {type(value).__name__} to TOML")
 
 
@@ -410,7 +493,34 @@ def config_reference() -> str:
     for section, keys in SCHEMA.items():
         for key, spec in keys.items():
             row(f"{section}.{key}", spec)
+            if key == "objective":
+                for obj in OBJECTIVES.values():
+                    for hkey, hspec in obj.hyper.items():
+                        lines.append(f"| `train.objective.{hkey}` ({obj.name}) | "
+                                     f"`{_toml(hspec.default)}` | {hspec.doc}; {hspec.rule()} |")
             if key == "behaviors":
                 for bkey, bspec in BEHAVIOR_KEYS.items():
                     row(f"problem.behaviors[].{bkey}", bspec)
+            if key == "phases":
+                for pkey, pspec in PHASE_KEYS.items():
+                    row(f"train.phases[].{pkey}", pspec)
     return "\n".join(lines)
+
+
+def phases_of(config: dict) -> list:
+    """The training phases of a resolved config (:class:`dynamics.phases.Phase`):
+    ``[[train.phases]]`` as given, or the shorthand ``objective``/``steps``/``flip``
+    with ``start = "aligned"`` as an unrecorded DPO phase of ``align_steps`` first."""
+    from dynamics.phases import Phase
+
+    train = config["train"]
+    names = [b["name"] for b in config["problem"]["behaviors"]]
+    if "phases" in train:
+        return [Phase(p["objective"], p["steps"], p.get("lr", train["lr"]),
+                      tuple(names.index(b) for b in p["behaviors"]) if "behaviors" in p
+                      else None, p["flip"], p["record"]) for p in train["phases"]]
+    phases = []
+    if train["start"] == "aligned":
+        phases.append(Phase("dpo", train["align_steps"], train["lr"], record=False))
+    phases.append(Phase(train["objective"], train["steps"], train["lr"], flip=train["flip"]))
+    return phases

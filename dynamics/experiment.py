@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import platform
@@ -24,11 +23,10 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from dynamics.analytic import population_descent
 from dynamics.bounds import accuracy_lower_bound, loss_envelope, weight_change_bound
-from dynamics.config import build_problem, dump_config
+from dynamics.config import build_problem, dump_config, objective_name, phases_of
 from dynamics.model import NO, YES, reference_weights
-from dynamics.simulate import simulate_sample
+from dynamics.phases import flipped_mixture, run_simulation, run_theory
 from synthetic.mixture import empirical_mixture, population_mixture
 from synthetic.sampling import sample_batch
 
@@ -57,11 +55,6 @@ row's trajectory); NaN where no theorem applies (a run not started at the refere
 minibatch SGD, an objective other than DPO)."""
 
 
-def _flipped(mixture):
-    """The same measure with every observed preference swapped."""
-    return dataclasses.replace(mixture, signs=-mixture.signs)
-
-
 def _bounds(mixture, *, beta, lr, steps, reference, record, continuous=False) -> np.ndarray:
     """The bound columns at the ``record`` steps, shape ``(E, K, 5)``."""
     kwargs = dict(beta=beta, lr=lr, steps=steps, continuous=continuous)
@@ -77,82 +70,81 @@ def _bounds(mixture, *, beta, lr, steps, reference, record, continuous=False) ->
 def run_experiment(config: dict, *, progress: bool = True) -> pd.DataFrame:
     """Theory (if ``theory.population``) and simulation for a validated config.
 
-    Returns the tidy metrics table (see :mod:`dynamics.metrics`), with the
-    :data:`BOUND_COLUMNS` when ``theory.bounds``. With ``train.flip`` both solvers
-    train on swapped preferences and report metrics against the swapped labels;
-    with ``train.start = "aligned"`` each first runs ``train.align_steps`` of DPO on
-    the unflipped data (the population on the population, each seed on its own
-    sample) and records from there (step 0 = the aligned policy).
+    Returns the tidy metrics table (see :mod:`dynamics.metrics`) with a ``phase``
+    and an ``objective`` column, and the :data:`BOUND_COLUMNS` when
+    ``theory.bounds``. The training is the config's phases
+    (:func:`dynamics.config.phases_of`, :mod:`dynamics.phases`): both solvers run
+    every phase from where the previous one left the model, the population on the
+    population and each seed on its own sample. With ``flip`` a phase trains on
+    swapped preferences and reports metrics against the swapped labels; the
+    shorthand ``train.start = "aligned"`` is an unrecorded phase of
+    ``train.align_steps`` DPO steps on the unflipped data first (step 0 = the
+    aligned policy).
     """
     problem = build_problem(config)
     model, train, theory = config["model"], config["train"], config["theory"]
     w0 = reference_weights(problem.dim, vocab_size=model["vocab_size"],
                            scale=model["init_scale"], seed=model["init_seed"],
                            given=model.get("reference"))
-    steps, flip, aligned = train["steps"], train["flip"], train["start"] == "aligned"
-    align = train["align_steps"] if aligned else 0
-    common = dict(beta=train["beta"], lr=train["lr"], reference=w0,
-                  objective=train["objective"])
-    bounded = theory["bounds"] and not aligned and train["objective"] == "dpo"
+    phases = phases_of(config)
+    # Theorems 1-3 are about DPO from the reference on the whole training set
+    only = phases[0]
+    bounded = (theory["bounds"] and len(phases) == 1 and only.behaviors is None
+               and objective_name(only.objective) == "dpo")
+    beta, every = train["beta"], train["eval_every"]
+    total = sum(p.steps for p in phases)
     frames = []
-    bar = tqdm(total=(steps + align) * (1 + theory["population"]), desc="prefdyn",
+    bar = tqdm(total=total * (1 + theory["population"]), desc="prefdyn",
                unit="step", disable=not progress, leave=False, file=sys.stderr)
     try:
         if theory["population"]:
             mixture = population_mixture(problem)
             flow = dict(panel_width=theory["panel_width"], qmc_points=theory["qmc_points"],
                         continuous=theory["continuous"])
-            delta0 = None
-            if aligned:
-                delta0 = population_descent(mixture, steps=align, eval_every=align, **common,
-                                            **flow).deltas[-1]
-                bar.update(align)
-            target = _flipped(mixture) if flip else mixture
-            trajectory = population_descent(target, steps=steps, delta0=delta0,
-                                             eval_every=train["eval_every"], **common, **flow)
-            frame = trajectory.frame()
+            recorded, trajectories = run_theory(mixture, phases, beta=beta, reference=w0,
+                                                eval_every=every, progress=bar.update, **flow)
             if theory["bounds"]:
-                values = np.full((len(trajectory.steps), len(problem.names),
-                                  len(BOUND_COLUMNS)), np.nan)
-                if bounded:
-                    values = _bounds(target, beta=train["beta"], lr=train["lr"], steps=steps,
-                                     reference=w0, record=trajectory.steps,
-                                     continuous=theory["continuous"])
-                for j, name in enumerate(BOUND_COLUMNS):
-                    frame[name] = values[:, :, j].reshape(-1)  # rows are (step, behavior)
-            frames.append(frame)
-            bar.update(steps)
+                for frame, trajectory in zip(recorded, _recorded(trajectories, phases)):
+                    values = np.full((len(trajectory.steps), len(problem.names),
+                                      len(BOUND_COLUMNS)), np.nan)
+                    if bounded:
+                        target = flipped_mixture(mixture) if only.flip else mixture
+                        values = _bounds(target, beta=beta, lr=only.lr, steps=only.steps,
+                                         reference=w0, record=trajectory.steps,
+                                         continuous=theory["continuous"])
+                    for j, name in enumerate(BOUND_COLUMNS):
+                        frame[name] = values[:, :, j].reshape(-1)  # rows are (step, behavior)
+            frames += recorded
         dtype = torch.float64 if train["dtype"] == "float64" else torch.float32
         seeds = train["seeds"]
         data = sample_batch(problem, train["n"], seeds, dtype=dtype,
                             device=resolve_device(train["device"]))
-        options = dict(seeds=seeds, batch_size=train.get("batch_size"), **common)
-        delta0 = None
-        if aligned:
-            delta0 = simulate_sample(data, steps=align, eval_every=align,
-                                     progress=lambda k: bar.update(1), **options).final
-        if flip:
-            data = dataclasses.replace(data, signs=-data.signs)
-        result = simulate_sample(data, steps=steps, delta0=delta0,
-                                 eval_every=train["eval_every"],
-                                 progress=lambda k: bar.update(1), **options)
-        frame = result.frame()
+        recorded, results = run_simulation(data, phases, seeds=seeds, beta=beta, reference=w0,
+                                           eval_every=every, batch_size=train.get("batch_size"),
+                                           progress=lambda k: bar.update(1))
         if theory["bounds"]:
             full_batch = train.get("batch_size", train["n"]) == train["n"]
-            values = np.full((len(result.steps), len(seeds), len(problem.names),
-                              len(BOUND_COLUMNS)), np.nan)
-            if bounded and full_batch:
-                for i in range(len(seeds)):
-                    sample = empirical_mixture(data.features[i], data.signs[i], data.behavior,
-                                               data.names)
-                    values[:, i] = _bounds(sample, beta=train["beta"], lr=train["lr"],
-                                           steps=steps, reference=w0, record=result.steps)
-            for j, name in enumerate(BOUND_COLUMNS):
-                frame[name] = values[..., j].reshape(-1)  # rows are (step, seed, behavior)
-        frames.append(frame)
+            for frame, result in zip(recorded, _recorded(results, phases)):
+                values = np.full((len(result.steps), len(seeds), len(problem.names),
+                                  len(BOUND_COLUMNS)), np.nan)
+                if bounded and full_batch:
+                    signs = -data.signs if only.flip else data.signs
+                    for i in range(len(seeds)):
+                        sample = empirical_mixture(data.features[i], signs[i], data.behavior,
+                                                   data.names)
+                        values[:, i] = _bounds(sample, beta=beta, lr=only.lr,
+                                               steps=only.steps, reference=w0,
+                                               record=result.steps)
+                for j, name in enumerate(BOUND_COLUMNS):
+                    frame[name] = values[..., j].reshape(-1)  # rows are (step, seed, behavior)
+        frames += recorded
     finally:
         bar.close()
     return pd.concat(frames, ignore_index=True)
+
+
+def _recorded(items: list, phases) -> list:
+    return [item for item, phase in zip(items, phases) if phase.record]
 
 
 def environment(device: str) -> dict:

@@ -113,14 +113,19 @@ def simulate_sample(
     eval_every: int = 1,
     keep_deltas: bool = False,
     progress: Callable[[int], None] | None = None,
+    train_behaviors: Sequence[int] | None = None,
 ) -> SimulationResult:
     """Train on a batched sample (``data.features`` of shape ``(S, n, d)``).
 
+    ``train_behaviors`` (indices into ``data.names``; default all) restricts the
+    training set to those behaviors' statements; metrics are still reported for
+    every behavior (so forgetting is measured).
+
     ``objective`` is a registered name or a table ``{"name": ..., **hyperparameters}``
     (:func:`dynamics.objectives.resolve_objective`). ``reference`` is ``W0``
-    ``(V, d)``; ``delta0`` the objective's starting parameter ``θ`` (default 0):
-    for the ``difference`` view ``(d,)`` or ``(S, P, d)`` (e.g. a previous
-    result's ``final``), for the others ``(R, d)`` or ``(S, P, R, d)`` with ``R``
+    ``(V, d)``, or one per seed ``(S, V, d)``; ``delta0`` the objective's starting
+    parameter ``θ`` (default 0): for the ``difference`` view ``(d,)`` or ``(S, P, d)``
+    (e.g. a previous result's ``final``), for the others ``(R, d)`` or ``(S, P, R, d)`` with ``R``
     the objective's rows (``V`` for the ``all`` view). Metrics are recorded at
     steps ``0, eval_every, …, steps``; ``progress(k)`` is called after each step.
     """
@@ -138,9 +143,12 @@ def simulate_sample(
     beta_np, lr_np = _as_configs(beta, lr)
     dtype, device = x.dtype, x.device
     w0 = torch.as_tensor(np.asarray(reference), dtype=dtype, device=device)
-    if w0.dim() != 2 or w0.shape[1] != dim:
-        raise ParameterError("reference", tuple(w0.shape), f"must have {dim} columns")
-    rows = obj.rows or w0.shape[0]
+    if w0.dim() == 2:
+        w0 = w0[None]  # one reference for every seed
+    if w0.dim() != 3 or w0.shape[0] not in (1, num_seeds) or w0.shape[2] != dim:
+        raise ParameterError("reference", tuple(w0.shape),
+                             f"must have shape (V, {dim}) or ({num_seeds}, V, {dim})")
+    rows = obj.rows or w0.shape[1]
     shape = (num_seeds, len(beta_np), rows, dim)
     theta = torch.zeros(shape, dtype=dtype, device=device)
     if delta0 is not None:
@@ -153,8 +161,20 @@ def simulate_sample(
                 f"({rows}, {dim}) or {shape}")
             raise ParameterError("delta0", tuple(start.shape), f"must have shape {allowed}")
         theta += start
+    train = data
+    if train_behaviors is not None:
+        wanted = torch.zeros(len(data.names), dtype=torch.bool)
+        for i in train_behaviors:
+            wanted[check_integer("train_behaviors", i, ge=0, le=len(data.names) - 1)] = True
+        keep = torch.nonzero(wanted[data.behavior.cpu()]).squeeze(1).to(data.behavior.device)
+        if len(keep) < n:
+            train = PreferenceSample(x[:, keep], s[:, keep], data.true_signs[:, keep],
+                                     data.behavior[keep], data.names)
+        if batch_size is not None and batch_size > len(keep):
+            raise ParameterError("batch_size", batch_size,
+                                 f"must be <= the {len(keep)} statements trained on")
     engine = _SoftmaxEngine if obj.view == "all" else _MarginEngine
-    run = engine(data, obj, hyper, beta_np, lr_np, w0, theta, batch_size, seeds)
+    run = engine(data, train, obj, hyper, beta_np, lr_np, w0, theta, batch_size, seeds)
     record = np.unique(np.r_[np.arange(0, steps + 1, eval_every), steps])
     wanted = set(record.tolist())
     store = {name: [] for name in BEHAVIOR_METRICS}
@@ -200,9 +220,10 @@ class _MarginEngine:
     many configurations of one sample and for many seeds.
     """
 
-    def __init__(self, data, obj, hyper, beta, lr, w0, theta, batch_size, seeds):
+    def __init__(self, data, train, obj, hyper, beta, lr, w0, theta, batch_size, seeds):
         x, s = data.features, data.signs
-        num_seeds, n, dim = x.shape
+        num_seeds, _, dim = x.shape
+        n = train.features.shape[1]
         dtype, device = x.dtype, x.device
         self.obj, self.hyper, self.shape = obj, hyper, theta.shape  # (S, P, R, d)
         rows = theta.shape[2]
@@ -212,6 +233,12 @@ class _MarginEngine:
         # the mean loss is mean_j ℓ'(h_j) s_j g_j, so no step touches the signs.
         self.xs = x * s[..., None]  # (S, n, d)
         self.xs_t = self.xs.transpose(1, 2)  # (S, d, n), a view
+        self.shared = train is data  # the evaluation's margins can serve the next step
+        if not self.shared:
+            self.train_xs = train.features * train.signs[..., None]
+            self.train_xs_t = self.train_xs.transpose(1, 2)
+        else:
+            self.train_xs, self.train_xs_t = self.xs, self.xs_t
         self.row_signs = t(obj.row_signs)[:, None]  # (R, 1)
         self.beta_rows = beta_t.repeat_interleave(rows)[:, None]  # (P·R, 1)
         scale = (-obj.gain / (batch_size or n)) * lr_t.repeat_interleave(rows)[:, None]
@@ -231,6 +258,7 @@ class _MarginEngine:
         # margins of an evaluation are reused by the next full-batch step.
         self.margins = torch.empty(num_seeds, self.param.shape[1], batch_size or n, dtype=dtype,
                                    device=device)
+        self.shared = self.shared and batch_size is None
         self.batches = _BatchStream(seeds, n, batch_size, device) if batch_size else None
         self.fresh = False
 
@@ -246,19 +274,18 @@ class _MarginEngine:
         return self.theta()[:, :, 0].norm(dim=-1) / np.sqrt(2)
 
     def evaluate(self) -> dict[str, torch.Tensor]:
-        full = self.margins if self.batches is None else None
-        w = torch.bmm(self.param, self.xs_t, out=full)  # (S, P·R, n)
-        self.fresh = self.batches is None
+        w = torch.bmm(self.param, self.xs_t, out=self.margins if self.shared else None)
+        self.fresh = self.shared  # (S, P·R, n)
         return self.evaluator(w.view(*self.shape[:3], -1), self.to_param.view(-1, self.shape[2], 1))
 
     def step(self) -> None:
         if self.batches is None:
-            xb = self.xs
+            xb = self.train_xs
             if not self.fresh:
-                torch.bmm(self.param, self.xs_t, out=self.margins)
+                torch.bmm(self.param, self.train_xs_t, out=self.margins)
         else:
             idx = self.batches.next()  # (S, B)
-            xb = self.xs[torch.arange(self.xs.shape[0], device=idx.device)[:, None], idx]
+            xb = self.train_xs[torch.arange(self.xs.shape[0], device=idx.device)[:, None], idx]
             torch.bmm(self.param, xb.transpose(1, 2), out=self.margins)  # (S, P·R, B)
         self.fresh = False
         self.param.baddbmm_(self.step_r(self.margins).mul_(self.coef), xb)  # margins consumed
@@ -272,17 +299,21 @@ class _SoftmaxEngine:
     carried as ``W = W0 + D`` of shape ``(S, P·V, d)`` (runs × rows as matrix rows).
     """
 
-    def __init__(self, data, obj, hyper, beta, lr, w0, theta, batch_size, seeds):
+    def __init__(self, data, train, obj, hyper, beta, lr, w0, theta, batch_size, seeds):
         x, s = data.features, data.signs
-        num_seeds, n, dim = x.shape
+        num_seeds, _, dim = x.shape
+        n = train.features.shape[1]
         dtype, device = x.dtype, x.device
-        self.obj, self.shape, self.w0 = obj, theta.shape, w0  # (S, P, V, d)
-        vocab = w0.shape[0]
-        self.x, self.x_t = x, x.transpose(1, 2)
-        self.chosen = torch.where(s > 0, YES, NO)[:, None, None, :]  # (S, 1, 1, n): y_w
+        self.obj, self.shape = obj, theta.shape  # (S, P, V, d)
+        self.w0 = w0[:, None]  # (S or 1, 1, V, d)
+        vocab = w0.shape[1]
+        self.x_t = x.transpose(1, 2)
+        self.eval_chosen = torch.where(s > 0, YES, NO)[:, None, None, :]  # (S, 1, 1, n): y_w
+        self.x = train.features
+        self.chosen = torch.where(train.signs > 0, YES, NO)[:, None, None, :]
         lr_t = torch.as_tensor(lr, dtype=dtype, device=device)
         self.scale = (-lr_t / (batch_size or n)).repeat_interleave(vocab)[:, None]  # (P·V, 1)
-        self.weights = (theta + w0).reshape(num_seeds, -1, dim)  # (S, P·V, d)
+        self.weights = (theta + self.w0).reshape(num_seeds, -1, dim)  # (S, P·V, d)
         self.evaluator = _Evaluator(data, x * s[..., None], w0, obj, {},
                                     torch.as_tensor(beta, dtype=dtype, device=device)[:, None],
                                     vocab)
@@ -299,7 +330,7 @@ class _SoftmaxEngine:
         return torch.bmm(self.weights, x_t).view(*self.shape[:3], -1)  # (S, P, V, n)
 
     def evaluate(self) -> dict[str, torch.Tensor]:
-        return self.evaluator.softmax(self._logits(self.x_t), self.chosen)
+        return self.evaluator.softmax(self._logits(self.x_t), self.eval_chosen)
 
     def step(self) -> None:
         if self.batches is None:
@@ -348,18 +379,17 @@ class _Evaluator:
         counts = torch.bincount(behavior, minlength=len(data.names))
         self.counts = counts.tolist()
         self.inverse_counts = 1 / counts.to(x.dtype)  # (K,): an empty behavior gives NaN means
-        self.logits0 = x @ w0.T  # (S, n, V)
-        log_pi0 = torch.log_softmax(self.logits0, -1)  # (S, n, V): the reference policy, once
+        log_pi0 = torch.log_softmax(x @ w0.transpose(1, 2), -1)  # (S, n, V): π0, once
         self.log_pi0 = log_pi0.transpose(1, 2)[:, None]  # (S, 1, V, n)
         self.log_yes = log_pi0[:, None, :, YES]  # (S, 1, n)
         self.log_no = log_pi0[:, None, :, NO]
-        others = torch.ones(w0.shape[0], dtype=torch.bool, device=x.device)
+        others = torch.ones(w0.shape[1], dtype=torch.bool, device=x.device)
         others[[YES, NO]] = False
         self.log_rest = (torch.logsumexp(log_pi0[..., others], -1)[:, None]
                          if others.any() else None)
         self.s = s[:, None]  # (S, 1, n)
         self.half_s = self.s / 2
-        self.rank0 = (xs @ (w0[YES] - w0[NO]))[:, None]  # (S, 1, n): s u0ᵀg
+        self.rank0 = (xs @ (w0[:, YES] - w0[:, NO])[..., None]).squeeze(-1)[:, None]  # s u0ᵀg
         self.buffer = torch.empty(5, num_seeds, num_configs, n, dtype=x.dtype, device=x.device)
         self.scratch = torch.empty(num_seeds, num_configs, n, dtype=x.dtype, device=x.device)
 

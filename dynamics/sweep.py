@@ -53,7 +53,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from dynamics.config import BEHAVIOR_KEYS, SCHEMA, apply_override, parse_config, read_toml
+from dynamics.config import (
+    BEHAVIOR_KEYS,
+    SCHEMA,
+    apply_override,
+    descend,
+    parse_config,
+    read_toml,
+)
+from dynamics.objectives import OBJECTIVES
 from synthetic.validation import ParameterError, check_integer
 
 __all__ = ["Grid", "Point", "SweepPlan", "SweepReport", "parse_grid", "parse_seeds",
@@ -193,6 +201,7 @@ def _canonical(value) -> str:
 def _key_paths(raw: dict) -> list[str]:
     """Every key a grid may set, given the base config's behaviors."""
     paths = [f"{s}.{k}" for s, keys in SCHEMA.items() for k in keys if k != "behaviors"]
+    paths += sorted({f"train.objective.{k}" for o in OBJECTIVES.values() for k in o.hyper})
     behaviors = raw.get("problem", {}).get("behaviors", [])
     count = len(behaviors) if isinstance(behaviors, list) else 0
     paths += [f"problem.behaviors.{i}.{k}" for i in range(count) for k in BEHAVIOR_KEYS]
@@ -213,7 +222,7 @@ def _set(raw: dict, key: str, value) -> None:
     node = raw
     parts = key.split(".")
     for part in parts[:-1]:
-        node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
+        node = node[int(part)] if isinstance(node, list) else descend(node, part)
     if isinstance(node, list):
         node[int(parts[-1])] = value
     else:
