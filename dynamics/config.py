@@ -95,6 +95,14 @@ def _objective(name, v):
     return {"name": obj.name, **hyper} if obj.hyper else obj.name
 
 
+def _train_objective(name, v):
+    """``train.objective``: as :func:`_objective`, a table without a name being the
+    default objective's (``--set train.objective.KEY=...`` on a config that names none)."""
+    if isinstance(v, dict) and "name" not in v:
+        v = {"name": SCHEMA["train"]["objective"].default, **v}
+    return _objective(name, v)
+
+
 def objective_name(spec) -> str:
     """The objective's name in a resolved ``train.objective`` (a name or a table)."""
     return spec if isinstance(spec, str) else spec["name"]
@@ -130,7 +138,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
                          "random one)"),
     },
     "train": {
-        "objective": Key("dpo", _objective, _objective_doc()),
+        "objective": Key("dpo", _train_objective, _objective_doc()),
         "beta": Key(1.0, _num(gt=0), "β > 0: inverse temperature of the objective (the KL "
                     "scale of the policy objectives; a reward head's objectives ignore it)"),
         "lr": Key(0.5, _num(gt=0), "step size η > 0 on W (t = lr·step)"),

@@ -387,6 +387,9 @@ OBJECTIVES: dict[str, Objective] = {o.name: o for o in (
     Objective(
         "ipo", "(h − 1/(2β))²", "Azar et al. 2023, eq. 17", "policy", "difference", "pairs",
         loss=lambda h, beta: ipo_margin_loss(h, beta=beta), grad=_ipo_grad, hess=_ipo_hess,
+        # ℓ'(h) = 2h − 1/β = (1/β)·(2βh − 1)
+        inner_scale=lambda beta: 2 * beta, inner_=lambda x, **_: x.sub_(1.0),
+        outer=lambda beta: 1 / beta,
     ),
     Objective(
         "hinge", "max(0, 1 − βh)", "Zhao et al. 2023 (SLiC), eq. 3", "policy", "difference",

@@ -330,7 +330,8 @@ class _SoftmaxEngine:
         return torch.bmm(self.weights, x_t).view(*self.shape[:3], -1)  # (S, P, V, n)
 
     def evaluate(self) -> dict[str, torch.Tensor]:
-        return self.evaluator.softmax(self._logits(self.x_t), self.eval_chosen)
+        change = torch.bmm(self.theta().flatten(1, 2), self.x_t)  # (S, P·V, n): D g
+        return self.evaluator.softmax(change.view(*self.shape[:3], -1), self.eval_chosen)
 
     def step(self) -> None:
         if self.batches is None:
@@ -379,8 +380,10 @@ class _Evaluator:
         counts = torch.bincount(behavior, minlength=len(data.names))
         self.counts = counts.tolist()
         self.inverse_counts = 1 / counts.to(x.dtype)  # (K,): an empty behavior gives NaN means
-        log_pi0 = torch.log_softmax(x @ w0.transpose(1, 2), -1)  # (S, n, V): π0, once
-        self.log_pi0 = log_pi0.transpose(1, 2)[:, None]  # (S, 1, V, n)
+        logits0 = x @ w0.transpose(1, 2)  # (S, n, V)
+        log_pi0 = torch.log_softmax(logits0, -1)  # (S, n, V): the reference policy, once
+        self.logits0 = logits0.transpose(1, 2)[:, None]  # (S, 1, V, n)
+        self.log_z0 = torch.logsumexp(self.logits0, dim=-2, keepdim=True)  # (S, 1, 1, n)
         self.log_yes = log_pi0[:, None, :, YES]  # (S, 1, n)
         self.log_no = log_pi0[:, None, :, NO]
         others = torch.ones(w0.shape[1], dtype=torch.bool, device=x.device)
@@ -453,17 +456,21 @@ class _Evaluator:
             "rewards/margins": chosen_mean - rejected_mean,
         }
 
-    def softmax(self, logits: torch.Tensor, chosen: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Metrics from the policy's logits ``(S, P, V, n)`` (every row trained)."""
-        logits = self._ordered(logits)
+    def softmax(self, change: torch.Tensor, chosen: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Metrics from the change of the policy's logits ``D g`` ``(S, P, V, n)``
+        (every row trained): ``log π/π0 = D g − (log Z − log Z0)``, and the implicit
+        reward margin ``s (D_Yes − D_No)ᵀg`` exactly 0 at the reference."""
+        change = self._ordered(change)
         if self.order is not None:
             chosen = chosen.index_select(-1, self.order)
         loss, acc, racc, chosen_r, rejected_r = self.buffer
+        logits = self.logits0 + change
         loss.copy_(self.obj.logit_loss(logits, chosen))
-        logp = torch.log_softmax(logits, dim=-2) - self.log_pi0  # log π/π0 (S, P, V, n)
+        shift = torch.logsumexp(logits, dim=-2, keepdim=True) - self.log_z0  # (S, P, 1, n)
+        logp = change - shift  # log π/π0 (S, P, V, n)
         s = self.s
         torch.sign(s * (logits[:, :, YES] - logits[:, :, NO]), out=acc)
-        implicit = logp[:, :, YES] - logp[:, :, NO]  # (S, P, n): Δᵀg
+        implicit = change[:, :, YES] - change[:, :, NO]  # (S, P, n): Δᵀg
         torch.sign(s * implicit, out=racc)
         positive = s > 0
         torch.mul(torch.where(positive, logp[:, :, YES], logp[:, :, NO]), self.beta, out=chosen_r)

@@ -227,6 +227,7 @@ def test_fig2_weight_change_stays_under_its_bound(stored):
         bound = table[(table["point"] == point) & (table["source"] == "theory")]
         over = bound.loc[bound["weight_change_bound"] > top, "t"]
         assert (math.isnan(t_exit) and over.empty) or t_exit == over.min()
+    assert any(not math.isnan(t) for _, t in exits.items())  # the clip is reached somewhere
 
 
 # ----------------------------------------------------------------------------- figure 4

@@ -126,6 +126,9 @@ def test_threshold_table_matches_a_naive_loop_over_the_stored_frame(stored):
             means[step] = sum(at) / len(at)
         want = _naive_first(list(means), list(means.values()), THRESHOLD)
         assert (math.isnan(row.steps) and math.isnan(want)) or row.steps == want
+    # the stored grid has cells that reach the threshold and cells that never do, so
+    # both branches above were exercised
+    assert table["steps"].notna().any() and table["steps"].isna().any()
 
 
 # ----------------------------------------------------------------------------- figure 6

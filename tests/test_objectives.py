@@ -182,12 +182,6 @@ def test_loss_is_decreasing_and_positive():
 # --------------------------------------------------------------------------- registry
 
 
-def test_registry_entry_is_the_public_loss():
-    obj = get_objective("dpo")
-    assert obj is OBJECTIVES["dpo"] and obj.name == "dpo"
-    assert "σ" in obj.formula and "Rafailov" in obj.source
-
-
 def test_unknown_objective_suggests_the_closest():
     with pytest.raises(ParameterError) as info:
         get_objective("dpp")
