@@ -326,6 +326,10 @@ class PopulationFlow:
         else:
             per_c = self._metrics_reward(thetas.reshape(len(thetas), -1, self.mu.shape[1]))
             change = torch.zeros(len(thetas), dtype=torch.float64)
+        # against the true preference: a component whose observed sign is flipped ranks
+        # correctly exactly when it ranks wrongly against its observed sign (ties half)
+        flipped = torch.as_tensor(self.mixture.true_signs != self.mixture.signs)
+        per_c["clean_accuracy"] = torch.where(flipped, 1 - per_c["accuracy"], per_c["accuracy"])
         weights = self.members * self.pi[:, None] / self.pi_k  # (C, K): within-behavior shares
         return {name: per_c[name] @ weights for name in BEHAVIOR_METRICS}, change
 

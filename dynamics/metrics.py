@@ -7,7 +7,9 @@ loss                  mean objective ``ℓ(h)``
 accuracy              policy ranking accuracy: ``log π(y_w) > log π(y_l)``,
                       i.e. ``s (u0 + Δ)ᵀ g > 0`` (what Im & Li's code reports)
 reward_accuracy       implicit-reward accuracy, TRL's ``rewards/accuracies``:
-                      ``h = s Δᵀg > 0``
+                      ``h = s Δᵀg > 0`` (a reward head's: ``r(y_w) > r(y_l)``)
+clean_accuracy        ranking accuracy against the true preference, before
+                      label noise (equal to ``accuracy`` without noise)
 weight_change         ``‖W − W0‖_F = ‖Δ‖/√2`` (shared by all behaviors)
 rewards/chosen        ``β (log π(y_w) − log π_0(y_w))``
 rewards/rejected      ``β (log π(y_l) − log π_0(y_l))``
@@ -17,6 +19,13 @@ rewards/margins       ``β h``
 Ties (a margin of exactly 0, e.g. every statement at step 0 for
 ``reward_accuracy``) count one half, so both accuracies are 0.5 for a policy
 that cannot tell the answers apart; TRL counts ties as wrong.
+
+:func:`pair_metrics` is the one definition of these per example, from the
+chosen and rejected log-probabilities (or a reward head's rewards); the real-LLM
+probes call it, the simulation's evaluator computes the same quantities from
+its margins (fast paths, checked against a naive per-example reference for every
+objective in ``tests/test_registry.py``), and the population flow takes their
+expectations in closed form.
 """
 
 from __future__ import annotations
@@ -25,10 +34,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-__all__ = ["METRICS", "BEHAVIOR_METRICS", "tidy_frame", "tie_half"]
+__all__ = ["METRICS", "BEHAVIOR_METRICS", "tidy_frame", "tie_half", "pair_metrics",
+           "behavior_means"]
 
 BEHAVIOR_METRICS = ("loss", "accuracy", "reward_accuracy", "rewards/chosen", "rewards/rejected",
-                    "rewards/margins")
+                    "rewards/margins", "clean_accuracy")
 METRICS = BEHAVIOR_METRICS[:3] + ("weight_change",) + BEHAVIOR_METRICS[3:]
 
 
@@ -72,3 +82,40 @@ def tidy_frame(
 def tie_half(x: torch.Tensor) -> torch.Tensor:
     """``1[x > 0] + ½·1[x = 0]``, elementwise: correctness with ties counted half."""
     return (x > 0).to(x.dtype) + 0.5 * (x == 0).to(x.dtype)
+
+
+def pair_metrics(*, loss, chosen_logps, rejected_logps, chosen_rewards, rejected_rewards,
+                 agree=None) -> dict:
+    """Every per-behavior metric, per example (the caller averages).
+
+    ``chosen_logps``, ``rejected_logps``: ``log π(y_w)``, ``log π(y_l)`` (only their
+    difference is used: the ranking); ``chosen_rewards``, ``rejected_rewards``: the
+    rewards of the two answers (``β(log π − log π0)`` for a policy, ``r(y)`` for a
+    reward head); ``loss``: the objective's loss; ``agree``: ``s_true·s`` (±1, default
+    1), whether the observed preference is the true one. All ``(..., n)``.
+    """
+    ranking = chosen_logps - rejected_logps
+    margins = chosen_rewards - rejected_rewards
+    return {
+        "loss": loss,
+        "accuracy": tie_half(ranking),
+        "reward_accuracy": tie_half(margins),
+        "rewards/chosen": chosen_rewards,
+        "rewards/rejected": rejected_rewards,
+        "rewards/margins": margins,
+        "clean_accuracy": tie_half(ranking if agree is None else agree * ranking),
+    }
+
+
+def behavior_means(values: dict, behavior: torch.Tensor, num_behaviors: int) -> dict:
+    """Per-behavior means of per-example values ``(..., n)`` → ``(..., K)``;
+    ``behavior (n,)`` holds indices in ``[0, K)`` (an empty behavior gives NaN)."""
+    counts = torch.bincount(behavior, minlength=num_behaviors)
+    out = {}
+    for name, value in values.items():
+        value = torch.as_tensor(value)
+        sums = torch.zeros(*value.shape[:-1], num_behaviors, dtype=value.dtype,
+                           device=value.device)
+        sums.index_add_(-1, behavior.to(value.device), value)
+        out[name] = sums / counts.to(value.dtype)
+    return out

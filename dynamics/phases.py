@@ -62,7 +62,7 @@ class Phase:
 
 def flipped_mixture(mixture: Mixture) -> Mixture:
     """The same measure with every observed preference swapped."""
-    return dataclasses.replace(mixture, signs=-mixture.signs)
+    return dataclasses.replace(mixture, signs=-mixture.signs, true_signs=-mixture.true_signs)
 
 
 def restrict_mixture(mixture: Mixture, behaviors: Sequence[int] | None) -> Mixture:
@@ -73,7 +73,7 @@ def restrict_mixture(mixture: Mixture, behaviors: Sequence[int] | None) -> Mixtu
     w = mixture.weights[keep]
     return dataclasses.replace(mixture, weights=w / w.sum(), signs=mixture.signs[keep],
                                behavior=mixture.behavior[keep], means=mixture.means[keep],
-                               covs=mixture.covs[keep])
+                               covs=mixture.covs[keep], true_signs=mixture.true_signs[keep])
 
 
 # ----------------------------------------------------------------------------- views
@@ -184,7 +184,8 @@ def run_simulation(data: PreferenceSample, phases: Sequence[Phase], *, seeds, be
         obj, _ = resolve_objective(phase.objective)
         block = state[obj.block]
         theta0 = read_view(obj, block)
-        sample = dataclasses.replace(data, signs=-data.signs) if phase.flip else data
+        sample = (dataclasses.replace(data, signs=-data.signs, true_signs=-data.true_signs)
+                  if phase.flip else data)
         ref, base = _phase_reference(obj, {k: v[:, 0] for k, v in state.items()}, w0)
         result = simulate_sample(
             sample, seeds=seeds, beta=beta, lr=phase.lr, steps=phase.steps,

@@ -372,14 +372,17 @@ class _Evaluator:
         num_seeds, n, _ = x.shape
         num_configs = beta.shape[0]
         self.obj, self.hyper, self.beta = obj, hyper, beta
+        agree = s * data.true_signs  # (S, n): +1 where the observed label is the true one
         # Samples in behavior order (sample_batch's already are: then no copy).
         order = torch.argsort(behavior, stable=True)
         self.order = None if bool((order == torch.arange(n, device=x.device)).all()) else order
         if self.order is not None:
-            x, s, xs = x[:, order], s[:, order], xs[:, order]
+            x, s, xs, agree = x[:, order], s[:, order], xs[:, order], agree[:, order]
         counts = torch.bincount(behavior, minlength=len(data.names))
         self.counts = counts.tolist()
         self.inverse_counts = 1 / counts.to(x.dtype)  # (K,): an empty behavior gives NaN means
+        # without label noise the clean accuracy is the accuracy: no pass is spent on it
+        self.agree = None if bool((agree > 0).all()) else agree[:, None]  # (S, 1, n)
         logits0 = x @ w0.transpose(1, 2)  # (S, n, V)
         log_pi0 = torch.log_softmax(logits0, -1)  # (S, n, V): the reference policy, once
         self.logits0 = logits0.transpose(1, 2)[:, None]  # (S, 1, V, n)
@@ -393,15 +396,34 @@ class _Evaluator:
         self.s = s[:, None]  # (S, 1, n)
         self.half_s = self.s / 2
         self.rank0 = (xs @ (w0[:, YES] - w0[:, NO])[..., None]).squeeze(-1)[:, None]  # s u0ᵀg
-        self.buffer = torch.empty(5, num_seeds, num_configs, n, dtype=x.dtype, device=x.device)
+        self.buffer = torch.empty(6, num_seeds, num_configs, n, dtype=x.dtype, device=x.device)
         self.scratch = torch.empty(num_seeds, num_configs, n, dtype=x.dtype, device=x.device)
 
     def _means(self) -> torch.Tensor:
-        sums = [block.sum(-1) for block in self.buffer.split(self.counts, -1)]
-        return torch.stack(sums, -1) * self.inverse_counts  # (5, S, P, K)
+        rows = self.buffer if self.agree is not None else self.buffer[:5]
+        sums = [block.sum(-1) for block in rows.split(self.counts, -1)]
+        return torch.stack(sums, -1) * self.inverse_counts  # (5 or 6, S, P, K)
 
     def _ordered(self, w: torch.Tensor) -> torch.Tensor:
         return w if self.order is None else w.index_select(-1, self.order)
+
+    def _finish(self, loss, rank_sign, reward_sign, chosen, rejected, clean_sign=None):
+        """Metrics from the per-behavior means: an accuracy ``E[1[x>0] + ½·1[x=0]]``
+        is ``(E[sign x] + 1)/2`` (:func:`dynamics.metrics.pair_metrics`'s definitions)."""
+        return {
+            "loss": loss,
+            "accuracy": (rank_sign + 1) / 2,
+            "reward_accuracy": (reward_sign + 1) / 2,
+            "rewards/chosen": chosen,
+            "rewards/rejected": rejected,
+            "rewards/margins": chosen - rejected,
+            "clean_accuracy": (rank_sign + 1) / 2 if clean_sign is None else (clean_sign + 1) / 2,
+        }
+
+    def _clean(self, rank_sign: torch.Tensor) -> None:
+        """Sign of the ranking against the true labels into the sixth row."""
+        if self.agree is not None:
+            torch.mul(rank_sign, self.agree, out=self.buffer[5])
 
     def __call__(self, w: torch.Tensor, to_param: torch.Tensor) -> dict[str, torch.Tensor]:
         """Metrics from the margin product ``w = Φ (s g)ᵀ`` ``(S, P, R, n)`` of a
@@ -409,52 +431,41 @@ class _Evaluator:
         w = self._ordered(w)
         if self.obj.block == "reward":
             return self._reward(w / to_param)
-        h, loss, acc, racc, shift = self.buffer
+        loss, acc, racc, h, shift = self.buffer[:5]
         torch.div(w[:, :, 0], to_param[:, 0], out=h)
         loss.copy_(self.obj.loss(h, self.beta, **self.hyper))
         torch.sign(torch.add(h, self.rank0, out=acc), out=acc)
+        self._clean(acc)
         torch.sign(h, out=racc)
         torch.addcmul(self.log_yes, h, self.half_s, out=shift)
         torch.addcmul(self.log_no, h, self.half_s, value=-1, out=self.scratch)
         torch.logaddexp(shift, self.scratch, out=shift)
         if self.log_rest is not None:
             torch.logaddexp(shift, self.log_rest, out=shift)
-        h_mean, loss_mean, acc_mean, racc_mean, shift_mean = self._means()
+        loss_m, acc_m, racc_m, h_m, shift_m, *clean_m = self._means()
         beta = self.beta  # (P, 1) against (S, P, K)
-        return {
-            "loss": loss_mean,
-            "accuracy": (acc_mean + 1) / 2,
-            "reward_accuracy": (racc_mean + 1) / 2,
-            "rewards/chosen": beta * (h_mean / 2 - shift_mean),
-            "rewards/rejected": beta * (-h_mean / 2 - shift_mean),
-            "rewards/margins": beta * h_mean,
-        }
+        # rewards β(±h/2 − shift): linear, so from the means of h and of the shift
+        return self._finish(loss_m, acc_m, racc_m, beta * (h_m / 2 - shift_m),
+                            beta * (-h_m / 2 - shift_m), *clean_m)
 
     def _reward(self, h: torch.Tensor) -> dict[str, torch.Tensor]:
         """A reward head's margins ``h`` ``(S, P, R, n)``: R = 1, ``h = sψᵀg`` with
         ``ψ = φ_Yes − φ_No`` (the head symmetric, ``φ_Yes + φ_No = 0``: rewards
         ``±h/2``); R = 2, ``h_Yes = s φ_Yesᵀg`` and ``h_No = −s φ_Noᵀg``, whence
         ``r(y_w) − r(y_l) = h_Yes + h_No`` and ``r(y_w) = h_Yes`` if ``s > 0`` else
-        ``h_No``."""
-        loss, acc, racc, chosen, rejected = self.buffer
+        ``h_No``. The policy is the reference: its ranking is ``s u0ᵀg``."""
+        loss, acc, racc, chosen, rejected = self.buffer[:5]
         loss.copy_(self.obj.loss(h, self.beta[..., None], **self.hyper).sum(2))
         margin = h.sum(2)  # (S, P, n): r(y_w) − r(y_l)
-        acc.copy_(torch.sign(self.rank0).expand_as(acc))  # the policy is the reference
+        acc.copy_(torch.sign(self.rank0).expand_as(acc))
+        self._clean(acc)
         torch.sign(margin, out=racc)
         if h.shape[2] == 1:
             torch.mul(margin, 0.5, out=chosen)
         else:
             torch.where(self.s > 0, h[:, :, 0], h[:, :, 1], out=chosen)
         torch.sub(chosen, margin, out=rejected)
-        loss_mean, acc_mean, racc_mean, chosen_mean, rejected_mean = self._means()
-        return {
-            "loss": loss_mean,
-            "accuracy": (acc_mean + 1) / 2,
-            "reward_accuracy": (racc_mean + 1) / 2,
-            "rewards/chosen": chosen_mean,
-            "rewards/rejected": rejected_mean,
-            "rewards/margins": chosen_mean - rejected_mean,
-        }
+        return self._finish(*self._means())
 
     def softmax(self, change: torch.Tensor, chosen: torch.Tensor) -> dict[str, torch.Tensor]:
         """Metrics from the change of the policy's logits ``D g`` ``(S, P, V, n)``
@@ -463,28 +474,21 @@ class _Evaluator:
         change = self._ordered(change)
         if self.order is not None:
             chosen = chosen.index_select(-1, self.order)
-        loss, acc, racc, chosen_r, rejected_r = self.buffer
+        loss, acc, racc, chosen_r, rejected_r = self.buffer[:5]
         logits = self.logits0 + change
         loss.copy_(self.obj.logit_loss(logits, chosen))
         shift = torch.logsumexp(logits, dim=-2, keepdim=True) - self.log_z0  # (S, P, 1, n)
         logp = change - shift  # log π/π0 (S, P, V, n)
         s = self.s
         torch.sign(s * (logits[:, :, YES] - logits[:, :, NO]), out=acc)
+        self._clean(acc)
         implicit = change[:, :, YES] - change[:, :, NO]  # (S, P, n): Δᵀg
         torch.sign(s * implicit, out=racc)
         positive = s > 0
         torch.mul(torch.where(positive, logp[:, :, YES], logp[:, :, NO]), self.beta, out=chosen_r)
         torch.mul(torch.where(positive, logp[:, :, NO], logp[:, :, YES]), self.beta,
                   out=rejected_r)
-        loss_mean, acc_mean, racc_mean, chosen_mean, rejected_mean = self._means()
-        return {
-            "loss": loss_mean,
-            "accuracy": (acc_mean + 1) / 2,
-            "reward_accuracy": (racc_mean + 1) / 2,
-            "rewards/chosen": chosen_mean,
-            "rewards/rejected": rejected_mean,
-            "rewards/margins": chosen_mean - rejected_mean,
-        }
+        return self._finish(*self._means())
 
 
 class _BatchStream:

@@ -38,6 +38,8 @@ class Mixture:
     means    (C, d)    μ_c
     covs     (C, d, d) Σ_c
     family             name of the family (``"empirical"`` for a sample)
+    true_signs (C,)    the sign before label noise (default: ``signs``), for the
+                       accuracy against the true preferences
     """
 
     weights: np.ndarray
@@ -47,6 +49,11 @@ class Mixture:
     covs: np.ndarray
     names: tuple[str, ...]
     family: str
+    true_signs: np.ndarray | None = None
+
+    def __post_init__(self):
+        if self.true_signs is None:
+            object.__setattr__(self, "true_signs", self.signs)
 
     @property
     def dim(self) -> int:
@@ -90,11 +97,11 @@ def population_mixture(problem: Problem) -> Mixture:
             for flipped, prob in ((False, 1 - eps), (True, eps)):
                 if prob > 0:
                     sign = -true_sign if flipped else true_sign
-                    rows.append((w * frac * prob, sign, index, mu, cov))
-    weights, signs, beh, means, covs = zip(*rows)
+                    rows.append((w * frac * prob, sign, index, mu, cov, true_sign))
+    weights, signs, beh, means, covs, true = zip(*rows)
     return Mixture(
         np.array(weights), np.array(signs, dtype=np.float64), np.array(beh), np.stack(means),
-        np.stack(covs), tuple(problem.names), problem.family,
+        np.stack(covs), tuple(problem.names), problem.family, np.array(true, dtype=np.float64),
     )
 
 

@@ -90,7 +90,7 @@ NAIVE = {
 }
 
 
-def naive_metrics(name, trained, w0, g, s, beta, behavior, k):
+def naive_metrics(name, trained, w0, g, s, beta, behavior, k, true):
     """Every metric of :mod:`dynamics.metrics` per behavior, from the definitions."""
     obj = OBJECTIVES[name]
     policy = trained if obj.block == "policy" else w0
@@ -107,18 +107,19 @@ def naive_metrics(name, trained, w0, g, s, beta, behavior, k):
         "rewards/chosen": chosen,
         "rewards/rejected": rejected,
         "rewards/margins": chosen - rejected,
+        "clean_accuracy": half((c - r) * s * true),  # the ranking against the true label
     }
     return {m: np.array([v[behavior == i].mean().item() for i in range(k)])
             for m, v in rows.items()}
 
 
-def small_problem(dim=3) -> Problem:
+def small_problem(dim=3, label_noise=0.2) -> Problem:
     return Problem((
         Behavior("a", [0.9, 0.2, 0.0], [-0.5, 0.1, 0.3], 0.6 * np.eye(dim), 0.4 * np.eye(dim),
                  pos_fraction=0.4),
         Behavior("b", [0.0, 0.4, 0.7], [0.1, -0.6, -0.2], np.diag([0.5, 0.3, 0.8]),
                  np.diag([0.5, 0.3, 0.8]), weight=0.5),
-    ))
+    ), label_noise=label_noise)
 
 
 def test_every_objective_has_a_naive_reference():
@@ -145,7 +146,8 @@ def test_simulation_equals_naive_autograd_on_the_full_matrix(name, batch_size):
     gen = torch.Generator().manual_seed(seed)
     for k in range(steps + 1):
         got = {m: sim.per_behavior[m][k, 0, 0] for m in sim.per_behavior}
-        want = naive_metrics(name, param.detach(), w0, g, s, beta, behavior, 2)
+        want = naive_metrics(name, param.detach(), w0, g, s, beta, behavior, 2,
+                             data.true_signs[0])
         for m in want:
             assert_close(got[m], want[m], CLOSED_FORM, err_msg=f"{name} {m} step {k}")
         start = param.detach() - (w0 if obj.block == "policy" else 0)
@@ -280,7 +282,8 @@ def errors(problem, name, n, theory, w0):
     sim = simulate(problem, n=n, seeds=AGREE_SEEDS, reference=w0, objective=spec(name),
                    dtype=torch.float64, **AGREE)
     out = {m: sim.per_behavior[m][:, :, 0] - theory.per_behavior[m][:, None]
-           for m in ("loss", "accuracy", "reward_accuracy", "rewards/margins")}
+           for m in ("loss", "accuracy", "reward_accuracy", "rewards/margins",
+                     "clean_accuracy")}
     if OBJECTIVES[name].block == "policy":
         out["weight_change"] = (sim.weight_change[:, :, 0] - theory.weight_change[:, None])[
             ..., None]
