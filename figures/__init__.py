@@ -44,6 +44,9 @@ FIGURES: dict[str, Figure] = {
                             "concentration", "phase_diagram", ("phase_diagram.toml",)),
     "separable": Figure(7, "Separable finite samples: ‖Δ‖ grows without bound, the "
                         "population flow stays bounded", "separable", ("separable.toml",)),
+    "objectives": Figure(8, "Every objective on one problem: the priority effect, and DPO's "
+                         "relatives under label noise", "objectives",
+                         ("objectives_priority.toml", "objectives_noise.toml")),
 }
 
 
