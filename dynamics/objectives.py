@@ -50,7 +50,7 @@ from synthetic.validation import ParameterError, check_choice, check_number
 __all__ = ["Hyper", "Objective", "OBJECTIVES", "get_objective", "resolve_objective",
            "dpo_loss", "dpo_margin_loss", "cdpo_margin_loss", "robust_dpo_margin_loss",
            "ipo_margin_loss", "hinge_margin_loss", "reward_model_loss", "binary_loss",
-           "sft_loss", "VIEWS", "GAIN"]
+           "sft_loss", "VIEWS", "GAIN", "objectives_reference"]
 
 VIEWS = ("difference", "rows", "all")
 GAIN = {"difference": 2.0, "rows": 1.0, "all": 1.0}
@@ -416,7 +416,7 @@ OBJECTIVES: dict[str, Objective] = {o.name: o for o in (
         outer=lambda beta: -1.0 + 0 * beta,
     ),
     Objective(
-        "sft", "−log π_W(y_w|x) = −log softmax(W g)_{y_w}",
+        "sft", "−log π(y_w) = −log softmax(W g)_{y_w}",
         "Askell et al. 2021 (imitation); Ouyang et al. 2022 (SFT)", "policy", "all",
         "demonstrations", uses_beta=False, logit_loss=sft_loss, logit_grad=_sft_grad,
     ),
@@ -443,3 +443,19 @@ def resolve_objective(spec, *, path: str = "objective") -> tuple[Objective, dict
         raise ParameterError(f"{path}.name", None, "is required: one of " + ", ".join(OBJECTIVES))
     obj = get_objective(spec["name"], param=f"{path}.name")
     return obj, obj.check_hyper({k: v for k, v in spec.items() if k != "name"}, path=path)
+
+
+def objectives_reference() -> str:
+    """The registry as a Markdown table (the README's, kept current by a test)."""
+    lines = ["| name | per-example loss | trains | reads | data | keys | source |",
+             "|---|---|---|---|---|---|---|"]
+    reads = {"difference": "Yes − No difference", "rows": "Yes and No rows",
+             "all": "every row"}
+    for obj in OBJECTIVES.values():
+        keys = ", ".join(f"`{k}` ({spec.rule()}, default {spec.default:g})"
+                         for k, spec in obj.hyper.items())
+        uses = "" if obj.uses_beta else " (no β)"
+        block = "policy W" if obj.block == "policy" else "reward head Φ"
+        lines.append(f"| `{obj.name}` | {obj.formula}{uses} | {block} | {reads[obj.view]} | "
+                     f"{obj.data} | {keys or '—'} | {obj.source} |")
+    return "\n".join(lines)

@@ -62,9 +62,14 @@ def test_robust_dpo_on_noisy_labels_has_dpos_clean_gradient(family, epsilon):
     rng = np.random.default_rng(1)
     for delta in (np.zeros(3), *rng.normal(size=(3, 3))):
         assert_close(noisy.drift(delta), clean.drift(delta), QUADRATURE)
-    # cDPO is not unbiased: its drift on noisy labels differs from the clean DPO one
+    # cDPO is not unbiased: on noisy labels its drift is that of cDPO with
+    # ε' = 2ε(1 − ε) on clean labels (docs/theory.md, Proposition 7), not DPO's
     cdpo = PopulationFlow(population_mixture(problem(family, noise=epsilon)), beta=0.9,
                           reference=W0, objective={"name": "cdpo", "epsilon": epsilon})
+    shifted = PopulationFlow(population_mixture(problem(family)), beta=0.9, reference=W0,
+                             objective={"name": "cdpo", "epsilon": 2 * epsilon * (1 - epsilon)})
+    for delta in (np.zeros(3), np.ones(3)):
+        assert_close(cdpo.drift(delta), shifted.drift(delta), QUADRATURE)
     gap = (cdpo.drift(np.ones(3)) - clean.drift(np.ones(3))).numpy()
     assert np.abs(gap).max() > 1e-3
 

@@ -232,3 +232,13 @@ def test_every_objective_runs_end_to_end(tmp_path):
         assert np.isfinite(frame["loss"]).all() and set(frame["objective"]) == {name}
         resolved = tomllib.loads(dump_config(cfg))
         assert load_config(None, text=dump_config(cfg)) == cfg, resolved
+
+
+def test_readme_lists_the_registry():
+    """The README's objectives table is generated from the registry and kept current."""
+    from pathlib import Path
+
+    from dynamics.objectives import objectives_reference
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    assert objectives_reference() in readme
