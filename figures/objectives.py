@@ -9,11 +9,11 @@ margin objective every behavior's initial loss slope is ``−G ℓ'(0)²⟨m_i, 
 the order is the same for all of them), from the theory's first step, and
 measured (the simulated initial slopes). "holds" when measured = predicted.
 
-Bottom: the final accuracy against the *true* preferences (``clean_accuracy``,
-mean over behaviors) against the label noise ``ε`` of the training data, for DPO,
-cDPO and robust DPO with their ``ε`` set to the noise (left), and over the grid of
-objective ``ε`` × data noise for cDPO and robust DPO (right: what a wrong ``ε``
-costs).
+Bottom: the accuracy against the *true* preferences (``clean_accuracy``, mean
+over behaviors) against the label noise ``ε`` of the training data, for DPO, cDPO
+and robust DPO with their ``ε`` set to the noise, early in the run (a tenth of it)
+and at the end; and, early, over the grid of objective ``ε`` × data noise for cDPO
+and robust DPO (what a wrong ``ε`` costs).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from figures.priority import initial_slopes, measured_order, predicted_order
 from figures.style import FORMATS, THEORY_STYLE, palette, plt, save, sns, theme
 
 __all__ = ["objective_label", "objective_epsilon", "priority_table", "noise_table",
-           "matched", "plot"]
+           "matched", "early_step", "plot"]
 
 FILENAME = "fig8_objectives"
 NOISE_OBJECTIVES = ("dpo", "cdpo", "robust_dpo")
@@ -68,13 +68,13 @@ def priority_table(frame: pd.DataFrame, configs: dict) -> pd.DataFrame:
     return table
 
 
-def noise_table(frame: pd.DataFrame, configs: dict, metric: str = "clean_accuracy"
-                ) -> pd.DataFrame:
-    """Per point × source at the last step: ``objective``, ``epsilon`` (the
-    objective's), ``label_noise`` (the data's), and ``metric`` averaged over behaviors
-    (weighted equally) then over seeds, with its sd over seeds (``METRIC_sd``; NaN for
-    theory)."""
-    last = frame[frame["step"] == frame["step"].max()]
+def noise_table(frame: pd.DataFrame, configs: dict, metric: str = "clean_accuracy",
+                step: int | None = None) -> pd.DataFrame:
+    """Per point × source at ``step`` (default: the last): ``objective``, ``epsilon``
+    (the objective's), ``label_noise`` (the data's), and ``metric`` averaged over
+    behaviors (weighted equally) then over seeds, with its sd over seeds
+    (``METRIC_sd``; NaN for theory)."""
+    last = frame[frame["step"] == (frame["step"].max() if step is None else step)]
     per_seed = (last.groupby(["point", "source", "seed"], observed=True, dropna=False)[metric]
                 .mean().reset_index())
     rows = []
@@ -146,30 +146,40 @@ def _draw_priority(axes, frame, configs) -> None:
         ax.set_visible(False)
 
 
-def _draw_noise(line_ax, heat_axes, frame, configs) -> None:
-    table = noise_table(frame, configs)
-    pairs = matched(table)
+def early_step(frame: pd.DataFrame) -> int:
+    """The recorded step nearest a tenth of the run (where the objectives still
+    differ: by the end every one of them has nearly converged)."""
+    steps = np.unique(frame["step"])
+    return int(steps[np.argmin(np.abs(steps - steps.max() / 10))])
+
+
+def _draw_noise(line_axes, heat_axes, frame, configs) -> None:
     colours = dict(zip(NOISE_OBJECTIVES, sns.color_palette("colorblind", 3)))
-    for name in NOISE_OBJECTIVES:
-        rows = pairs[pairs["objective"] == name].sort_values("label_noise")
-        sim, theory = rows[rows["source"] == "simulation"], rows[rows["source"] == "theory"]
-        label = name if name == "dpo" else f"{name} (ε = noise)"
-        line_ax.errorbar(sim["label_noise"], sim["clean_accuracy"],
-                         yerr=sim["clean_accuracy_sd"].fillna(0), color=colours[name],
-                         marker="o", lw=1.4, capsize=3, label=label)
-        line_ax.plot(theory["label_noise"], theory["clean_accuracy"], color=colours[name],
-                     **THEORY_STYLE)
-    line_ax.set_xlabel("label noise of the training data")
-    line_ax.set_ylabel("final accuracy on the true preferences")
-    line_ax.legend(fontsize=8)
-    line_ax.set_title("clean-label accuracy at the last step", fontsize=9)
+    early = early_step(frame)
+    for ax, step in zip(line_axes, (early, None)):
+        pairs = matched(noise_table(frame, configs, step=step))
+        for name in NOISE_OBJECTIVES:
+            rows = pairs[pairs["objective"] == name].sort_values("label_noise")
+            sim, theory = rows[rows["source"] == "simulation"], rows[rows["source"] == "theory"]
+            label = name if name == "dpo" else f"{name} (ε = noise)"
+            ax.errorbar(sim["label_noise"], sim["clean_accuracy"],
+                        yerr=sim["clean_accuracy_sd"].fillna(0), color=colours[name],
+                        marker="o", lw=1.4, capsize=3, label=label)
+            ax.plot(theory["label_noise"], theory["clean_accuracy"], color=colours[name],
+                    **THEORY_STYLE)
+        ax.set_xlabel("label noise of the training data")
+        ax.set_ylabel("accuracy on the true preferences")
+        last = int(frame["step"].max())
+        ax.set_title(f"clean accuracy at step {early if step else last}", fontsize=9)
+    line_axes[0].legend(fontsize=8)
+    table = noise_table(frame, configs, step=early)
     sim = table[table["source"] == "simulation"]
     for ax, name in zip(heat_axes, NOISE_OBJECTIVES[1:]):
         grid = sim[sim["objective"] == name].pivot_table(index="epsilon", columns="label_noise",
                                                          values="clean_accuracy")
         sns.heatmap(grid.sort_index(ascending=False), annot=True, fmt=".3f", cmap="crest",
                     cbar=False, ax=ax, annot_kws=dict(fontsize=7))
-        ax.set_title(f"{name}: simulated clean accuracy", fontsize=9)
+        ax.set_title(f"{name}: simulated clean accuracy, step {early}", fontsize=9)
         ax.set_xlabel("label noise of the data")
         ax.set_ylabel("objective ε")
 
@@ -192,9 +202,9 @@ def plot(sweeps, out: Path) -> list[Path]:
     if noise:
         frame = pd.concat([s.frame() for s in noise], ignore_index=True)
         configs = {pid: c for s in noise for pid, c in s.configs().items()}
-        line_ax = fig.add_subplot(grid[rows, :2])
+        line_axes = [fig.add_subplot(grid[rows, 0]), fig.add_subplot(grid[rows, 1])]
         heat_axes = [fig.add_subplot(grid[rows, 2]), fig.add_subplot(grid[rows, 3])]
-        _draw_noise(line_ax, heat_axes, frame, configs)
+        _draw_noise(line_axes, heat_axes, frame, configs)
     fig.suptitle("Every objective on one problem (theory dashed over simulation), and "
                  "DPO's relatives under label noise")
     fig.tight_layout()
