@@ -61,6 +61,7 @@ from dynamics.config import (
     parse_config,
     read_toml,
 )
+from dynamics.io import atomic_write
 from dynamics.objectives import OBJECTIVES
 from synthetic.validation import ParameterError, check_integer
 
@@ -352,14 +353,9 @@ def run_point(config: dict, threads: int = 1) -> tuple[bytes, float]:
     return buffer.getvalue(), time.perf_counter() - start
 
 
-def _atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+def _write_json(path: Path, record: dict) -> None:
+    """``record`` as JSON (indent 1) at ``path``, atomically."""
+    atomic_write(path, lambda p: p.write_text(json.dumps(record, indent=1) + "\n"))
 
 
 def _store_point(points_dir: Path, point: Point, payload: bytes, elapsed: float) -> None:
@@ -373,8 +369,8 @@ def _store_point(points_dir: Path, point: Point, payload: bytes, elapsed: float)
     frame.to_parquet(buffer, index=False)
     meta = {"point": point.id, "overrides": point.overrides, "elapsed_s": round(elapsed, 3),
             "config": _jsonable(point.config)}
-    _atomic(points_dir / f"{point.id}.json", (json.dumps(meta, indent=1) + "\n").encode())
-    _atomic(points_dir / f"{point.id}.parquet", buffer.getvalue())
+    _write_json(points_dir / f"{point.id}.json", meta)
+    atomic_write(points_dir / f"{point.id}.parquet", lambda p: p.write_bytes(buffer.getvalue()))
     (points_dir / f"{point.id}.error.json").unlink(missing_ok=True)
 
 
@@ -382,7 +378,7 @@ def _store_error(points_dir: Path, point: Point, error: BaseException) -> None:
     meta = {"point": point.id, "overrides": point.overrides,
             "error": f"{type(error).__name__}: {error}",
             "traceback": "".join(traceback.format_exception(error))}
-    _atomic(points_dir / f"{point.id}.error.json", (json.dumps(meta, indent=1) + "\n").encode())
+    _write_json(points_dir / f"{point.id}.error.json", meta)
 
 
 # ----------------------------------------------------------------------------- state
@@ -586,7 +582,7 @@ def run_sweep(plan: SweepPlan, out: str | Path, *, jobs: int | None = None,
         for stale in (out / "points").glob(".*.tmp"):  # left by a killed sweep
             stale.unlink(missing_ok=True)
         if not existed:
-            _atomic(out / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
+            _write_json(out / MANIFEST, manifest)
         by_id = {p.id: p for p in points}
         report = _scan(out, by_id)
         todo = report.missing + (list(report.failed) if retry_failed else [])
@@ -642,7 +638,6 @@ def gather(out: str | Path) -> Path:
     manifest, report = sweep_status(out)
     files = [out / "points" / f"{pid}.parquet" for pid in report.done]
     target = out / RESULTS
-    tmp = target.with_name(f".{RESULTS}.{os.getpid()}.tmp")
     if not files:
         target.unlink(missing_ok=True)
         return target
@@ -650,7 +645,8 @@ def gather(out: str | Path) -> Path:
     schema = pa.unify_schemas([sch.remove_metadata() for sch in schemas])
     if all(sch.names == schemas[0].names for sch in schemas):
         schema = schema.with_metadata(schemas[0].metadata)  # pandas dtypes (Int64 seed)
-    try:
+
+    def write(tmp: Path) -> None:
         with pq.ParquetWriter(tmp, schema) as writer:
             for f in files:
                 table = pq.read_table(f)
@@ -659,11 +655,8 @@ def gather(out: str | Path) -> Path:
                         table = table.append_column(name, pa.nulls(len(table),
                                                                    schema.field(name).type))
                 writer.write_table(table.select(schema.names).cast(schema))
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return target
+
+    return atomic_write(target, write)
 
 
 # ----------------------------------------------------------------------------- reading

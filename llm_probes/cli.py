@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
 import sys
 from dataclasses import dataclass, field
@@ -27,7 +26,7 @@ from pathlib import Path
 from synthetic.validation import ParameterError, check_integer
 
 __all__ = ["PROBES", "PROBE_HELP", "ProbeContext", "add_probe_parser", "parse_behaviors",
-           "run_probe", "write_atomic"]
+           "run_probe"]
 
 PROBES: dict[str, str] = {  # a module may also define check(args): validate, write nothing
     "features": "llm_probes.features",
@@ -171,7 +170,7 @@ def build_context(args: argparse.Namespace) -> ProbeContext:
 
 def _record(args: argparse.Namespace, ctx: ProbeContext, files: list[Path]) -> Path:
     """``probe_NAME.json``: resolved options, data, model and environment."""
-    from dynamics.experiment import environment
+    from dynamics.io import environment, write_json
 
     options = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                if k not in ("func", "command") and not k.startswith("_")}
@@ -187,20 +186,7 @@ def _record(args: argparse.Namespace, ctx: ProbeContext, files: list[Path]) -> P
     if ctx._model is not None:
         record["model"] = {"name": ctx._model.name, "fingerprint": ctx._model.fingerprint,
                            "device": str(ctx._model.device)}
-    path = ctx.out / f"probe_{args.probe.replace('-', '_')}.json"
-    write_atomic(path, lambda p: Path(p).write_text(json.dumps(record, indent=2,
-                                                              default=str) + "\n"))
-    return path
-
-
-def write_atomic(path: Path, write) -> Path:
-    """Write ``path`` through a temporary file in its directory, then rename."""
-    from dynamics.experiment import atomic_write
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, write)
-    return path
+    return write_json(ctx.out / f"probe_{args.probe.replace('-', '_')}.json", record)
 
 
 def run_probe(args: argparse.Namespace) -> int:

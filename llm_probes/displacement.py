@@ -57,10 +57,11 @@ import pandas as pd
 import torch
 from scipy import stats
 
+from dynamics.io import write_json, write_parquet
 from llm_probes.finetune import (
     PreferenceData, add_training_arguments, answer_logps, chosen_rejected, config_from_args,
     evaluate, peak_memory, policy_from_args, preference_data, release_policy,
-    reset_peak_memory, train_dpo, write_json, write_parquet,
+    reset_peak_memory, train_dpo,
 )
 from synthetic.validation import check_integer
 

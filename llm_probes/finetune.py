@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import resource
 import sys
@@ -57,6 +56,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from dynamics.io import write_json, write_parquet
 from dynamics.metrics import tie_half
 from dynamics.objectives import dpo_loss
 from synthetic.statistics import behavior_statistics
@@ -730,21 +730,6 @@ def _parameter_counts(policy) -> dict:
     total = sum(p.numel() for p in policy.parameters())
     trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
     return {"parameters": int(total), "trainable_parameters": int(trainable)}
-
-
-def write_parquet(path: Path, frame: pd.DataFrame) -> Path:
-    """``frame`` as ``path``, atomically."""
-    from llm_probes.cli import write_atomic
-
-    return write_atomic(path, lambda p: frame.to_parquet(p, index=False))
-
-
-def write_json(path: Path, record: dict) -> Path:
-    """``record`` as indented JSON at ``path``, atomically."""
-    from llm_probes.cli import write_atomic
-
-    return write_atomic(path, lambda p: Path(p).write_text(json.dumps(record, indent=2,
-                                                                      default=str) + "\n"))
 
 
 def check(args) -> None:

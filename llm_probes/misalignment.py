@@ -31,10 +31,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from dynamics.io import write_json, write_parquet
 from llm_probes.finetune import (
     add_training_arguments, config_from_args, evaluate, feature_statistics, peak_memory,
     policy_from_args, preference_data, release_policy, reset_peak_memory, train_dpo,
-    write_json, write_parquet,
 )
 from synthetic.validation import check_integer
 
