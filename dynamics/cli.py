@@ -24,7 +24,7 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from synthetic.validation import ParameterError
+from synthetic.validation import ParameterError, did_you_mean
 
 __all__ = ["main"]
 
@@ -107,11 +107,8 @@ def _figures(args) -> int:
         names = list(FIGURES) if args.remake == "all" else [args.remake]
         for name in names:
             if name not in FIGURES:
-                import difflib
-
-                close = difflib.get_close_matches(name, list(FIGURES), n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise ParameterError("--remake", name, f"is not a figure{hint}; one of "
+                raise ParameterError("--remake", name, f"is not a figure"
+                                     f"{did_you_mean(name, FIGURES)}; one of "
                                      + ", ".join(FIGURES) + " or all")
         for name in names:
             for config in sweep_configs(name):

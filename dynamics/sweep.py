@@ -34,7 +34,6 @@ process writes every file, and only one point's table is in memory at a time.
 from __future__ import annotations
 
 import copy
-import difflib
 import hashlib
 import io
 import itertools
@@ -63,7 +62,7 @@ from dynamics.config import (
 )
 from dynamics.io import atomic_write
 from dynamics.objectives import OBJECTIVES
-from synthetic.validation import ParameterError, check_integer
+from synthetic.validation import ParameterError, check_integer, did_you_mean
 
 __all__ = ["Grid", "Point", "SweepPlan", "SweepReport", "parse_grid", "parse_seeds",
            "load_plan", "run_sweep", "sweep_status", "gather", "load_sweep", "SweepResults",
@@ -214,9 +213,7 @@ def check_key(key: str, raw: dict) -> None:
     paths = _key_paths(raw)
     if key in paths:
         return
-    close = difflib.get_close_matches(key, paths, n=1, cutoff=0.6)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    raise ParameterError("--grid", key, f"is not a config key{hint}")
+    raise ParameterError("--grid", key, f"is not a config key{did_you_mean(key, paths)}")
 
 
 def _set(raw: dict, key: str, value) -> None:
@@ -299,17 +296,15 @@ def load_plan(path: str | Path, grids: Sequence[str] = (), seeds: str | None = N
         raise ParameterError("sweep", table, "must be a table")
     for key in table:
         if key not in SWEEP_KEYS:
-            close = difflib.get_close_matches(key, SWEEP_KEYS, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ParameterError(f"sweep.{key}", key, f"is not a known key{hint}")
+            raise ParameterError(f"sweep.{key}", key,
+                                 f"is not a known key{did_you_mean(key, SWEEP_KEYS)}")
     figure = table.get("figure")
     if figure is not None:
         from figures import FIGURES
 
         if figure not in FIGURES:
-            close = difflib.get_close_matches(str(figure), list(FIGURES), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ParameterError("sweep.figure", figure, f"is not a known figure{hint}")
+            raise ParameterError("sweep.figure", figure,
+                                 f"is not a known figure{did_you_mean(figure, FIGURES)}")
     grid_table = table.get("grid", {})
     if not isinstance(grid_table, dict):
         raise ParameterError("sweep.grid", grid_table, "must be a table of KEY = values")
