@@ -73,6 +73,7 @@ def _demo(args) -> int:
 
 def _sweep(args) -> int:
     from dynamics.sweep import load_plan, run_sweep, sweep_status
+    from figures import FIGURES
 
     if args.status is not None:
         if args.config is not None:
@@ -85,7 +86,7 @@ def _sweep(args) -> int:
         return 0
     if args.config is None or args.out is None:
         raise ParameterError("prefdyn sweep", "", "needs CONFIG and --out DIR (or --status DIR)")
-    plan = load_plan(args.config, args.grid, args.seeds, overrides=args.set)
+    plan = load_plan(args.config, args.grid, args.seeds, overrides=args.set, figures=FIGURES)
     if not args.quiet:
         grids = " × ".join(f"{g.key} ({len(g.values)})" for g in plan.grids) or "one point"
         where = f"Dask at {args.scheduler}" if args.scheduler else "local cores"
@@ -115,7 +116,8 @@ def _figures(args) -> int:
                 out = args.runs / config.stem
                 if not args.quiet:
                     print(f"figures: sweep {config.name} -> {out}", file=sys.stderr)
-                run_sweep(load_plan(config), out, jobs=args.jobs, progress=not args.quiet)
+                run_sweep(load_plan(config, figures=FIGURES), out, jobs=args.jobs,
+                          progress=not args.quiet)
                 sweeps.append(load_sweep(out))
     if not sweeps:
         raise ParameterError("prefdyn figures", "", "needs sweep directories or --remake NAME")

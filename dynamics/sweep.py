@@ -44,7 +44,7 @@ import sys
 import time
 import tomllib
 import traceback
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -285,9 +285,13 @@ def _jsonable(value):
 
 
 def load_plan(path: str | Path, grids: Sequence[str] = (), seeds: str | None = None, *,
-              overrides: Sequence[str] = (), text: str | None = None) -> SweepPlan:
+              overrides: Sequence[str] = (), text: str | None = None,
+              figures: Collection[str] | None = None) -> SweepPlan:
     """Read a sweep config and merge command-line ``--grid``/``--seeds`` (they win);
-    ``overrides`` (``KEY=VALUE``, as ``--set``) change the base config first."""
+    ``overrides`` (``KEY=VALUE``, as ``--set``) change the base config first.
+    ``figures``: the names ``[sweep] figure`` may take (the CLI passes
+    :data:`figures.FIGURES`; this layer does not import the figures); None accepts
+    any name."""
     raw = read_toml(path, text)
     table = raw.pop("sweep", {})
     for item in overrides:
@@ -299,12 +303,9 @@ def load_plan(path: str | Path, grids: Sequence[str] = (), seeds: str | None = N
             raise ParameterError(f"sweep.{key}", key,
                                  f"is not a known key{did_you_mean(key, SWEEP_KEYS)}")
     figure = table.get("figure")
-    if figure is not None:
-        from figures import FIGURES
-
-        if figure not in FIGURES:
-            raise ParameterError("sweep.figure", figure,
-                                 f"is not a known figure{did_you_mean(figure, FIGURES)}")
+    if figure is not None and figures is not None and figure not in figures:
+        raise ParameterError("sweep.figure", figure,
+                             f"is not a known figure{did_you_mean(figure, figures)}")
     grid_table = table.get("grid", {})
     if not isinstance(grid_table, dict):
         raise ParameterError("sweep.grid", grid_table, "must be a table of KEY = values")

@@ -208,10 +208,26 @@ def run_probe(args: argparse.Namespace) -> int:
 
 
 def main(argv=None) -> int:
-    """``python -m llm_probes.cli NAME ...``: the same as ``prefdyn probe NAME ...``."""
-    from dynamics.cli import main as prefdyn_main
+    """``python -m llm_probes.cli NAME ...``: the same as ``prefdyn probe NAME ...``.
 
-    return prefdyn_main(["probe", *(sys.argv[1:] if argv is None else argv)])
+    Builds only the ``probe`` command, because this module must not import
+    :mod:`dynamics.cli` (the layer above it, which imports this one), and ends the
+    same way as ``prefdyn``: bad input is a one-line ``prefdyn: error: ...`` on
+    stderr and exit code 2."""
+    parser = argparse.ArgumentParser(prog="prefdyn")
+    add_probe_parser(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
+    args = parser.parse_args(["probe", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return args.func(args)
+    except ParameterError as err:
+        print(f"prefdyn: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("prefdyn: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # stdout closed early: stop quietly, as prefdyn does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

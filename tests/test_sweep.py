@@ -185,9 +185,19 @@ def test_figure_configs_parse():
     for name in FIGURES:
         for config in sweep_configs(name):
             assert config.exists(), f"{name}: missing {config}"
-            plan = load_plan(config)
+            plan = load_plan(config, figures=FIGURES)
             assert plan.figure == name, f"{config.name} names figure {plan.figure!r}"
             assert plan.points()
+
+
+def test_unknown_figure_name_is_refused_when_the_names_are_given():
+    from figures import FIGURES
+
+    text = TINY.replace("[sweep]", '[sweep]\nfigure = "priorty"')
+    with pytest.raises(ParameterError, match=r"sweep\.figure = 'priorty' is not a known "
+                       r"figure \(did you mean 'priority'\?\)"):
+        load_plan("<t>", text=text, figures=FIGURES)
+    assert load_plan("<t>", text=text).figure == "priorty"  # dynamics knows no figures
 
 
 # ----------------------------------------------------------------------------- running
