@@ -72,7 +72,9 @@ def _demo(args) -> int:
 
 
 def _sweep(args) -> int:
-    from dynamics.sweep import load_plan, run_sweep, sweep_status
+    from dynamics.sweep import run_sweep
+    from dynamics.sweep_plan import load_plan
+    from dynamics.sweep_store import sweep_status
     from figures import FIGURES
 
     if args.status is not None:
@@ -100,7 +102,9 @@ def _sweep(args) -> int:
 
 
 def _figures(args) -> int:
-    from dynamics.sweep import load_plan, load_sweep, run_sweep
+    from dynamics.sweep import run_sweep
+    from dynamics.sweep_plan import load_plan
+    from dynamics.sweep_store import load_sweep
     from figures import FIGURES, render, sweep_configs
 
     sweeps = [load_sweep(d) for d in args.dirs]

@@ -21,17 +21,9 @@ from hypothesis import strategies as st
 
 from dynamics.config import parse_config
 from dynamics.experiment import run_experiment
-from dynamics.sweep import (
-    Grid,
-    SweepPlan,
-    load_plan,
-    load_sweep,
-    parse_grid,
-    parse_seeds,
-    point_id,
-    run_sweep,
-    sweep_status,
-)
+from dynamics.sweep import run_sweep
+from dynamics.sweep_plan import Grid, SweepPlan, load_plan, parse_grid, parse_seeds, point_id
+from dynamics.sweep_store import load_sweep, sweep_status
 from synthetic.validation import ParameterError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -392,7 +384,8 @@ GATHER_PEAK = """
 import json, sys
 from pathlib import Path
 import numpy as np, pandas as pd, pyarrow as pa
-from dynamics.sweep import MANIFEST, gather, point_id
+from dynamics.sweep_plan import point_id
+from dynamics.sweep_store import MANIFEST, gather
 out, count, rows = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 (out / "points").mkdir(parents=True)
 values = list(range(count))
