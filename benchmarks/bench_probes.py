@@ -19,12 +19,12 @@ The default model (SmolLM2-135M-Instruct, ``load_model(None)``) on real persona 
    library's default batch size, 32. Also printed: the fraction against the rate of the
    decoder layer's own GEMMs (``F.linear`` of (M, 576) by the q/k/v/o/gate/up/down weight
    shapes, M = rows of one forward), and tokens/s.
-2. ``dpo_speedup_vs_trl``: one full-fine-tuning DPO step of ours (``llm_probes.finetune``,
+2. ``dpo_speedup_vs_trl``: one full-fine-tuning DPO step of ours (``llm_probes.training``,
    ``completion="token+eos"``: the objective TRL's ``DPOTrainer`` computes for plain
    strings) against TRL's ``DPOTrainer`` on the same 8 statements (one batch of 8), same
    model, AdamW, lr 1e-5, β 0.1, weight decay 0, constant schedule, no warm-up, no
    clipping, no dropout, float32. Ours is ``train_dpo`` itself, as users call it, with a
-   time stamp after each step (a transparent wrapper around ``finetune.statement_metrics``,
+   time stamp after each step (a transparent wrapper around ``training.statement_metrics``,
    which ``train_dpo`` calls once a step for the batch's metrics); TRL's steps are stamped
    by ``on_step_end`` callbacks. Seconds per step, both sides = time from the end of step 1
    (warm-up) to the end of step 6, / 5. ``train_dpo``'s per-step batch losses are compared
@@ -36,7 +36,7 @@ The default model (SmolLM2-135M-Instruct, ``load_model(None)``) on real persona 
    Our time with ``completion="token"`` (the probes' default) is printed for information.
 3. Peak memory of full fine-tuning the default model (target ≤ 4 GB): a fresh subprocess
    loads the model and runs ``train_dpo`` (full, AdamW, batch 8, the probe's defaults)
-   for a few steps; ``llm_probes.finetune.peak_memory()`` (VmHWM of that process; on CUDA
+   for a few steps; ``llm_probes.training.peak_memory()`` (VmHWM of that process; on CUDA
    also torch's allocator peak).
 
 TRL settings that differ from TRL's defaults, and why: ``bf16=False`` (ours is float32;
@@ -391,7 +391,7 @@ def batch_losses(frame) -> list[float]:
 
 def our_setup(loaded, statements, completion: str) -> dict:
     """``preference_data`` and the reference log-probabilities, computed once (timed)."""
-    from llm_probes.finetune import evaluate, preference_data
+    from llm_probes.logprobs import evaluate, preference_data
 
     data = preference_data(loaded, statements, completion=completion)
     QUIET()
@@ -405,18 +405,18 @@ def our_setup(loaded, statements, completion: str) -> dict:
 def our_run(loaded, setup: dict, steps: int) -> dict:
     """One ``train_dpo`` call on a fresh full policy, with a time stamp after every step.
 
-    ``train_dpo`` calls ``finetune.statement_metrics`` once after each optimiser step (to
+    ``train_dpo`` calls ``training.statement_metrics`` once after each optimiser step (to
     record the batch's metrics), once for the step-0 row and once in the final
     evaluation; a transparent wrapper stamps the time after each of those calls, so the
     intervals between the stamps of steps 1..S are whole steps of ``train_dpo`` itself."""
-    from llm_probes import finetune
+    from llm_probes import training
 
-    config = finetune.train_config(steps=steps, lr=DPO_LR, beta=DPO_BETA,
+    config = training.train_config(steps=steps, lr=DPO_LR, beta=DPO_BETA,
                                    batch_size=DPO_BATCH, optimizer="adamw", eval_every=NEVER,
                                    eval_batch_size=32, seed=0)
-    policy = finetune.prepare_policy(loaded, "full", copy_model=True)
+    policy = training.prepare_policy(loaded, "full", copy_model=True)
     stamps: list[float] = []
-    original = finetune.statement_metrics
+    original = training.statement_metrics
 
     def stamped(*args, **kwargs):
         values = original(*args, **kwargs)
@@ -425,17 +425,17 @@ def our_run(loaded, setup: dict, steps: int) -> dict:
         return values
 
     QUIET()
-    finetune.statement_metrics = stamped
+    training.statement_metrics = stamped  # the name train_dpo looks up
     try:
         with Others() as others:
             sync()
             t0 = now()
-            frame = finetune.train_dpo(policy, setup["data"], setup["ref"], config,
+            frame = training.train_dpo(policy, setup["data"], setup["ref"], config,
                                        start=setup["ref"])
             sync()
             seconds = now() - t0
     finally:
-        finetune.statement_metrics = original
+        training.statement_metrics = original
     del policy
     gc.collect()
     if len(stamps) != steps + 2:
@@ -648,11 +648,10 @@ def dpo_section(args, loaded) -> tuple[float, list]:
 
 def memory_child(args) -> None:
     """In a fresh process: load the default model, full-FT DPO with the probe's defaults."""
-    from llm_probes.finetune import (
-        DEFAULT_LR,
-        evaluate,
+    from llm_probes.finetune import DEFAULT_LR
+    from llm_probes.logprobs import evaluate, preference_data
+    from llm_probes.training import (
         peak_memory,
-        preference_data,
         prepare_policy,
         reset_peak_memory,
         train_config,

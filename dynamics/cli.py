@@ -24,7 +24,7 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from synthetic.validation import ParameterError
+from synthetic.validation import ParameterError, did_you_mean
 
 __all__ = ["main"]
 
@@ -72,7 +72,10 @@ def _demo(args) -> int:
 
 
 def _sweep(args) -> int:
-    from dynamics.sweep import load_plan, run_sweep, sweep_status
+    from dynamics.sweep import run_sweep
+    from dynamics.sweep_plan import load_plan
+    from dynamics.sweep_store import sweep_status
+    from figures import FIGURES
 
     if args.status is not None:
         if args.config is not None:
@@ -85,7 +88,7 @@ def _sweep(args) -> int:
         return 0
     if args.config is None or args.out is None:
         raise ParameterError("prefdyn sweep", "", "needs CONFIG and --out DIR (or --status DIR)")
-    plan = load_plan(args.config, args.grid, args.seeds, overrides=args.set)
+    plan = load_plan(args.config, args.grid, args.seeds, overrides=args.set, figures=FIGURES)
     if not args.quiet:
         grids = " × ".join(f"{g.key} ({len(g.values)})" for g in plan.grids) or "one point"
         where = f"Dask at {args.scheduler}" if args.scheduler else "local cores"
@@ -99,7 +102,9 @@ def _sweep(args) -> int:
 
 
 def _figures(args) -> int:
-    from dynamics.sweep import load_plan, load_sweep, run_sweep
+    from dynamics.sweep import run_sweep
+    from dynamics.sweep_plan import load_plan
+    from dynamics.sweep_store import load_sweep
     from figures import FIGURES, render, sweep_configs
 
     sweeps = [load_sweep(d) for d in args.dirs]
@@ -107,18 +112,16 @@ def _figures(args) -> int:
         names = list(FIGURES) if args.remake == "all" else [args.remake]
         for name in names:
             if name not in FIGURES:
-                import difflib
-
-                close = difflib.get_close_matches(name, list(FIGURES), n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise ParameterError("--remake", name, f"is not a figure{hint}; one of "
+                raise ParameterError("--remake", name, f"is not a figure"
+                                     f"{did_you_mean(name, FIGURES)}; one of "
                                      + ", ".join(FIGURES) + " or all")
         for name in names:
             for config in sweep_configs(name):
                 out = args.runs / config.stem
                 if not args.quiet:
                     print(f"figures: sweep {config.name} -> {out}", file=sys.stderr)
-                run_sweep(load_plan(config), out, jobs=args.jobs, progress=not args.quiet)
+                run_sweep(load_plan(config, figures=FIGURES), out, jobs=args.jobs,
+                          progress=not args.quiet)
                 sweeps.append(load_sweep(out))
     if not sweeps:
         raise ParameterError("prefdyn figures", "", "needs sweep directories or --remake NAME")

@@ -13,7 +13,6 @@ rule.
 from __future__ import annotations
 
 import copy
-import difflib
 import json
 import tomllib
 from collections.abc import Callable, Sequence
@@ -30,6 +29,7 @@ from synthetic.validation import (
     check_choice,
     check_integer,
     check_number,
+    did_you_mean,
 )
 
 __all__ = ["Key", "SCHEMA", "BEHAVIOR_KEYS", "load_config", "read_toml", "parse_config",
@@ -217,10 +217,8 @@ BUILDER = ("distinguishability", "sigma", "direction", "center")
 
 
 def _unknown(path: str, key: str, known: Sequence[str]) -> ParameterError:
-    close = difflib.get_close_matches(key, list(known), n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
     name = f"{path}.{key}" if path else key
-    return ParameterError(name, key, f"is not a known key{hint}")
+    return ParameterError(name, key, f"is not a known key{did_you_mean(key, known)}")
 
 
 def _fill(path: str, table, keys: dict[str, Key]) -> dict:

@@ -9,13 +9,7 @@
 from __future__ import annotations
 
 import json
-import os
-import platform
-import subprocess
 import sys
-import tempfile
-from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -25,24 +19,13 @@ from tqdm.auto import tqdm
 
 from dynamics.bounds import accuracy_lower_bound, loss_envelope, weight_change_bound
 from dynamics.config import build_problem, dump_config, objective_name, phases_of
+from dynamics.io import atomic_write, environment, resolve_device
 from dynamics.model import NO, YES, reference_weights
 from dynamics.phases import flipped_mixture, run_simulation, run_theory
 from synthetic.mixture import empirical_mixture, population_mixture
 from synthetic.sampling import sample_batch
 
-__all__ = ["BOUND_COLUMNS", "atomic_write", "environment", "resolve_device", "run_experiment",
-           "summary_table", "write_run"]
-
-
-def resolve_device(name: str) -> torch.device:
-    """``cpu``, ``cuda`` (an error if absent) or ``auto``."""
-    from synthetic.validation import ParameterError
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ParameterError("train.device", name, "needs a CUDA GPU, and torch sees none")
-    return torch.device(name)
+__all__ = ["BOUND_COLUMNS", "run_experiment", "summary_table", "write_run"]
 
 
 BOUND_COLUMNS = ("weight_change_bound", "loss_lower", "loss_upper", "accuracy_lower",
@@ -147,53 +130,13 @@ def _recorded(items: list, phases) -> list:
     return [item for item, phase in zip(items, phases) if phase.record]
 
 
-def environment(device: str) -> dict:
-    """Versions, git commit and device, for ``env.json``."""
-    versions = {"python": platform.python_version()}
-    for package in ("prefdyn", "torch", "numpy", "scipy", "pandas", "pyarrow"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = None
-    here = Path(__file__).resolve().parent
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
-                                text=True, timeout=5).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    dev = resolve_device(device)
-    return {
-        "versions": versions,
-        "git_commit": commit,
-        "device": str(dev),
-        "device_name": (torch.cuda.get_device_name(dev) if dev.type == "cuda"
-                        else platform.processor() or platform.machine()),
-        "torch_threads": torch.get_num_threads(),
-        "platform": platform.platform(),
-        "command": sys.argv,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-
-
-def atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same directory, then rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_run(out: str | Path, config: dict, frame: pd.DataFrame) -> Path:
     """Write ``metrics.parquet``, ``config.toml`` and ``env.json`` under ``out``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     env = environment(config["train"]["device"])
-    atomic_write(out / "config.toml", lambda p: Path(p).write_text(dump_config(config)))
-    atomic_write(out / "env.json", lambda p: Path(p).write_text(json.dumps(env, indent=2) + "\n"))
+    atomic_write(out / "config.toml", lambda p: p.write_text(dump_config(config)))
+    atomic_write(out / "env.json", lambda p: p.write_text(json.dumps(env, indent=2) + "\n"))
     atomic_write(out / "metrics.parquet", lambda p: frame.to_parquet(p, index=False))
     return out
 

@@ -1,7 +1,7 @@
 """Figures built from stored results, theory drawn over measurement.
 
 Each figure is a module with ``plot(sweeps, out) -> list[Path]``: a function of
-stored sweep results (:class:`dynamics.sweep.SweepResults`, the sweeps whose
+stored sweep results (:class:`dynamics.sweep_store.SweepResults`, the sweeps whose
 ``[sweep] figure`` names it) that writes ``out/NAME.png`` and ``out/NAME.pdf``.
 :data:`FIGURES` maps each name to its module and to the sweep configs in
 ``figures/sweeps/`` that produce its data; ``prefdyn figures --remake NAME``

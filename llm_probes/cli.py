@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
 import sys
 from dataclasses import dataclass, field
@@ -27,7 +26,7 @@ from pathlib import Path
 from synthetic.validation import ParameterError, check_integer
 
 __all__ = ["PROBES", "PROBE_HELP", "ProbeContext", "add_probe_parser", "parse_behaviors",
-           "run_probe", "write_atomic"]
+           "run_probe"]
 
 PROBES: dict[str, str] = {  # a module may also define check(args): validate, write nothing
     "features": "llm_probes.features",
@@ -171,7 +170,7 @@ def build_context(args: argparse.Namespace) -> ProbeContext:
 
 def _record(args: argparse.Namespace, ctx: ProbeContext, files: list[Path]) -> Path:
     """``probe_NAME.json``: resolved options, data, model and environment."""
-    from dynamics.experiment import environment
+    from dynamics.io import environment, write_json
 
     options = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                if k not in ("func", "command") and not k.startswith("_")}
@@ -187,20 +186,7 @@ def _record(args: argparse.Namespace, ctx: ProbeContext, files: list[Path]) -> P
     if ctx._model is not None:
         record["model"] = {"name": ctx._model.name, "fingerprint": ctx._model.fingerprint,
                            "device": str(ctx._model.device)}
-    path = ctx.out / f"probe_{args.probe.replace('-', '_')}.json"
-    write_atomic(path, lambda p: Path(p).write_text(json.dumps(record, indent=2,
-                                                              default=str) + "\n"))
-    return path
-
-
-def write_atomic(path: Path, write) -> Path:
-    """Write ``path`` through a temporary file in its directory, then rename."""
-    from dynamics.experiment import atomic_write
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, write)
-    return path
+    return write_json(ctx.out / f"probe_{args.probe.replace('-', '_')}.json", record)
 
 
 def run_probe(args: argparse.Namespace) -> int:
@@ -222,10 +208,26 @@ def run_probe(args: argparse.Namespace) -> int:
 
 
 def main(argv=None) -> int:
-    """``python -m llm_probes.cli NAME ...``: the same as ``prefdyn probe NAME ...``."""
-    from dynamics.cli import main as prefdyn_main
+    """``python -m llm_probes.cli NAME ...``: the same as ``prefdyn probe NAME ...``.
 
-    return prefdyn_main(["probe", *(sys.argv[1:] if argv is None else argv)])
+    Builds only the ``probe`` command, because this module must not import
+    :mod:`dynamics.cli` (the layer above it, which imports this one), and ends the
+    same way as ``prefdyn``: bad input is a one-line ``prefdyn: error: ...`` on
+    stderr and exit code 2."""
+    parser = argparse.ArgumentParser(prog="prefdyn")
+    add_probe_parser(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
+    args = parser.parse_args(["probe", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return args.func(args)
+    except ParameterError as err:
+        print(f"prefdyn: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("prefdyn: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # stdout closed early: stop quietly, as prefdyn does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -2,7 +2,7 @@
 
 DPO raises the margin ``log π(y_w) − log π(y_l)`` but need not raise ``log π(y_w)``:
 both can fall while the margin grows, the mass going to other tokens. This probe
-trains the model by DPO (:func:`llm_probes.finetune.train_dpo`, the same options as
+trains the model by DPO (:func:`llm_probes.training.train_dpo`, the same options as
 ``finetune``) and measures, on the train statements:
 
 1. ``log π(y_w)`` and ``log π(y_l)`` at every evaluation step, per behavior and per
@@ -57,11 +57,11 @@ import pandas as pd
 import torch
 from scipy import stats
 
-from llm_probes.finetune import (
-    PreferenceData, add_training_arguments, answer_logps, chosen_rejected, config_from_args,
-    evaluate, peak_memory, policy_from_args, preference_data, release_policy,
-    reset_peak_memory, train_dpo, write_json, write_parquet,
-)
+from dynamics.io import write_json, write_parquet
+from llm_probes.finetune import add_training_arguments, config_from_args, policy_from_args
+from llm_probes.logprobs import PreferenceData, answer_logps, evaluate, preference_data
+from llm_probes.objective import chosen_rejected
+from llm_probes.training import peak_memory, release_policy, reset_peak_memory, train_dpo
 from synthetic.validation import check_integer
 
 __all__ = ["add_arguments", "check", "run", "ches_scores", "answer_states", "token_gains",
@@ -91,7 +91,7 @@ def ches_scores(g: torch.Tensor, h_w: torch.Tensor, h_l: torch.Tensor) -> dict[s
 def answer_states(model, data: PreferenceData, index, *, eos_id: int, batch_size: int = 32):
     """``(g (n, d), h (n, 2, d))``: the final hidden state at the last prompt token and
     at the answer token of ``x·Yes`` and ``x·No``, from the prompt's key/value cache
-    (:func:`llm_probes.finetune.answer_logps` with ``eos_id``; that id only picks a
+    (:func:`llm_probes.logprobs.answer_logps` with ``eos_id``; that id only picks a
     log-probability that is discarded here)."""
     index = np.asarray(index, dtype=np.int64)
     device = next(model.parameters()).device

@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from dynamics.experiment import atomic_write as _write_atomic
+from dynamics.io import atomic_write, write_parquet
 from synthetic.statistics import behavior_statistics
 from synthetic.validation import ParameterError, check_integer
 
@@ -81,7 +81,7 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
         with open(tmp, "wb") as handle:
             np.save(handle, array)
 
-    _write_atomic(path, write)
+    atomic_write(path, write)
 
 
 def _read_manifest(directory: Path, n: int) -> dict | None:
@@ -156,8 +156,7 @@ def extract_features(loaded, statements, *, prompt_format: str = "chat", batch_s
         manifest = {"version": CACHE_VERSION, "n": n, "chunk_size": size, "order": order,
                     "model": loaded.name, "fingerprint": loaded.fingerprint,
                     "prompt_format": prompt_format}
-        _write_atomic(directory / "manifest.json",
-                      lambda p: Path(p).write_text(json.dumps(manifest)))
+        atomic_write(directory / "manifest.json", lambda p: p.write_text(json.dumps(manifest)))
     missing = [c for c in range(math.ceil(n / size)) if c not in chunks]
     total = sum(len(order[c * size:(c + 1) * size]) for c in missing)
     bar = _progress(total, progress, desc or f"features ({loaded.name})")
@@ -177,8 +176,8 @@ def extract_features(loaded, statements, *, prompt_format: str = "chat", batch_s
             if dim is None:
                 dim = int(array.shape[1])
                 manifest["dim"] = dim
-                _write_atomic(directory / "manifest.json",
-                              lambda p: Path(p).write_text(json.dumps(manifest)))
+                atomic_write(directory / "manifest.json",
+                             lambda p: p.write_text(json.dumps(manifest)))
             _save_npy(directory / f"chunk-{c:05d}.npy", array)
             chunks[c] = array
     finally:
@@ -368,7 +367,6 @@ def run(ctx) -> list[Path]:
     statistics: ``features_stats.parquet`` (one row per behavior),
     ``features_summary.json`` and the figure ``probe_features.png``/``.pdf``."""
     from figures.probe_features import plot
-    from llm_probes.cli import write_atomic
 
     args = ctx.args
     check(args)
@@ -392,9 +390,9 @@ def run(ctx) -> list[Path]:
     }
     out = ctx.out
     files = [
-        write_atomic(out / "features_stats.parquet", lambda p: stats.to_parquet(p, index=False)),
-        write_atomic(out / "features_summary.json",
-                     lambda p: Path(p).write_text(json.dumps(summary, indent=2) + "\n")),
+        write_parquet(out / "features_stats.parquet", stats),
+        atomic_write(out / "features_summary.json",
+                     lambda p: p.write_text(json.dumps(summary, indent=2) + "\n")),
     ]
     files += plot(stats, out / "probe_features", lm_head_diff=lm_head_diff)
     if ctx.progress:

@@ -61,6 +61,7 @@ from scipy import stats as sstats
 
 from dynamics.analytic import population_descent
 from dynamics.bounds import initial_loss_slope, priority_scores
+from dynamics.io import atomic_write, write_parquet
 from dynamics.metrics import tie_half
 from dynamics.model import NO, YES
 from dynamics.objectives import dpo_margin_loss
@@ -348,7 +349,6 @@ def run(ctx) -> list[Path]:
     ``last_layer.parquet`` (curves), ``last_layer_speed.parquet`` (per behavior),
     ``last_layer_summary.parquet``/``.json`` (ρ and CIs) and the figures."""
     from figures.probe_last_layer import plot, plot_together
-    from llm_probes.cli import write_atomic
     from llm_probes.features import answer_rows, probe_features
 
     args = ctx.args
@@ -467,15 +467,12 @@ def run(ctx) -> list[Path]:
         summary[key] = value
     out = ctx.out
     files = [
-        write_atomic(out / "last_layer.parquet", lambda p: curves.to_parquet(p, index=False)),
-        write_atomic(out / "last_layer_speed.parquet",
-                     lambda p: speeds.to_parquet(p, index=False)),
-        write_atomic(out / "last_layer_summary.parquet",
-                     lambda p: summary.to_parquet(p, index=False)),
+        write_parquet(out / "last_layer.parquet", curves),
+        write_parquet(out / "last_layer_speed.parquet", speeds),
+        write_parquet(out / "last_layer_summary.parquet", summary),
     ]
     if priority is not None:
-        files.append(write_atomic(out / "last_layer_priority.parquet",
-                                  lambda p: priority.to_parquet(p, index=False)))
+        files.append(write_parquet(out / "last_layer_priority.parquet", priority))
     record = dict(model=loaded.name, fingerprint=loaded.fingerprint, features=feature_kind,
                   prompt_format=args.prompt_format, **settings, seed=ctx.seed,
                   behaviors=names, stability_limit_lr=limits, speeds=SPEEDS,
@@ -484,7 +481,7 @@ def run(ctx) -> list[Path]:
                   seconds=dict(features=extract_seconds, measured=train_seconds,
                                theory=theory_seconds, together=together_seconds,
                                total=time.perf_counter() - start))
-    files.append(write_atomic(out / "last_layer_summary.json", lambda p: Path(p).write_text(
+    files.append(atomic_write(out / "last_layer_summary.json", lambda p: p.write_text(
         json.dumps(record, indent=2, default=float) + "\n")))
     files += plot(curves, speeds, summary, out / "probe_last_layer")
     if priority is not None:

@@ -6,7 +6,7 @@ rate):
 
 - ``start = "base"``: from the base model;
 - ``start = "aligned"``: from the model first aligned by ``--align-steps`` of DPO on
-  the original preferences (:func:`llm_probes.finetune.train_dpo`, the same options);
+  the original preferences (:func:`llm_probes.training.train_dpo`, the same options);
   step 0 of its flipped phase is the aligned model.
 
 The reference ``π_0`` of both phases is the base model (log-probabilities computed
@@ -18,7 +18,7 @@ measures it on a real model, where full or LoRA training also moves the features
 ``misalignment_features.parquet``).
 
 Writes ``misalignment.parquet`` (rows: start × phase × source × step × behavior, the
-metrics of :data:`llm_probes.finetune.METRICS`; phase ``align`` holds the aligning
+metrics of :data:`llm_probes.objective.METRICS`; phase ``align`` holds the aligning
 run), ``misalignment_features.parquet``, ``misalignment_run.json`` and the figure.
 """
 
@@ -31,11 +31,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from llm_probes.finetune import (
-    add_training_arguments, config_from_args, evaluate, feature_statistics, peak_memory,
-    policy_from_args, preference_data, release_policy, reset_peak_memory, train_dpo,
-    write_json, write_parquet,
-)
+from dynamics.io import write_json, write_parquet
+from llm_probes.finetune import add_training_arguments, config_from_args, policy_from_args
+from llm_probes.logprobs import evaluate, preference_data
+from llm_probes.objective import feature_statistics
+from llm_probes.training import peak_memory, release_policy, reset_peak_memory, train_dpo
 from synthetic.validation import check_integer
 
 __all__ = ["add_arguments", "check", "run", "STARTS"]

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from dynamics.io import resolve_device_option
 from synthetic.validation import ParameterError, check_choice
 
 __all__ = [
@@ -127,7 +128,7 @@ def load_model(path: str | os.PathLike | None = None, *, device: str = "auto",
     stderr. Bad input raises :class:`ParameterError` (one line).
     """
     transformers = _import_transformers()
-    target = _resolve_device(device)
+    target = resolve_device_option(device)
     cache = Path(cache_dir).expanduser() if cache_dir is not None else cache_root()
     kind, source, name = _resolve_model_path(path)
     converted = None
@@ -166,24 +167,6 @@ def _import_transformers():
         raise ParameterError("prefdyn probe", "transformers", "is not installed: pip install "
                              "'prefdyn[llm]' (transformers, gguf, accelerate)") from None
     return transformers
-
-
-def _resolve_device(device: str) -> torch.device:
-    if isinstance(device, str) and device.startswith("cuda:") and device[5:].isdigit():
-        choice = "cuda"
-    else:
-        choice = check_choice("--device", device, ("auto", "cpu", "cuda"))
-    if choice == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if choice == "cuda":
-        if not torch.cuda.is_available():
-            raise ParameterError("--device", device, "is not available here (no CUDA device); "
-                                 "use auto or cpu")
-        index = int(device[5:]) if ":" in device else 0
-        if index >= torch.cuda.device_count():
-            raise ParameterError("--device", device, f"must name one of the "
-                                 f"{torch.cuda.device_count()} CUDA devices")
-    return torch.device(device)
 
 
 def _resolve_model_path(path) -> tuple[str, Path, str]:

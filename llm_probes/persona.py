@@ -15,7 +15,6 @@ and a smaller subset is contained in a larger one.
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import math
@@ -25,7 +24,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from synthetic.validation import ParameterError, check_integer, check_number, short_repr
+from synthetic.validation import (
+    ParameterError,
+    check_integer,
+    check_number,
+    close_matches,
+    short_repr,
+)
 
 __all__ = ["ANSWER_SIGNS", "list_behaviors", "load_statements", "persona_dir"]
 
@@ -104,7 +109,7 @@ def _check_behaviors(directory: Path, behaviors) -> list[str]:
             raise ParameterError("--behaviors", name, "is listed twice")
         seen.add(name)
         if name not in known:
-            close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+            close = close_matches(name, known, n=3, cutoff=0.5)
             hint = (f"closest: {', '.join(close)}" if close
                     else f"see the {len(known)} *.jsonl names there")
             raise ParameterError("--behaviors", name, f"is not a behavior in {directory}; "

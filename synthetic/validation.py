@@ -19,6 +19,8 @@ import numpy as np
 
 __all__ = [
     "ParameterError",
+    "close_matches",
+    "did_you_mean",
     "check_choice",
     "check_finite_array",
     "check_covariance",
@@ -79,14 +81,33 @@ def check_integer(name: str, value, *, ge=None, le=None) -> int:
     return value
 
 
+def close_matches(value, choices: Iterable[str], *, n: int = 1,
+                  cutoff: float = 0.6) -> list[str]:
+    """The (at most ``n``) ``choices`` closest to ``str(value)``, best first: those
+    whose :class:`difflib.SequenceMatcher` ratio is at least ``cutoff``."""
+    return difflib.get_close_matches(str(value), [str(c) for c in choices], n=n,
+                                     cutoff=cutoff)
+
+
+def did_you_mean(value, choices: Iterable[str], *, n: int = 1, cutoff: float = 0.6) -> str:
+    """The hint an error message ends with: ``" (did you mean 'x'?)"`` naming the
+    closest of ``choices`` to ``value`` (with ``n > 1`` up to ``n`` of them,
+    ``" (did you mean 'x', 'y' or 'z'?)"``), or ``""`` when none is close
+    (:func:`close_matches`)."""
+    close = [repr(c) for c in close_matches(value, choices, n=n, cutoff=cutoff)]
+    if not close:
+        return ""
+    names = close[0] if len(close) == 1 else f"{', '.join(close[:-1])} or {close[-1]}"
+    return f" (did you mean {names}?)"
+
+
 def check_choice(name: str, value, choices: Iterable[str]) -> str:
     """``value`` if it is one of ``choices``; else an error suggesting the closest."""
     choices = list(choices)
     if isinstance(value, str) and value in choices:
         return value
-    close = difflib.get_close_matches(str(value), choices, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    raise ParameterError(name, value, f"must be one of {', '.join(choices)}{hint}")
+    raise ParameterError(name, value, f"must be one of {', '.join(choices)}"
+                         f"{did_you_mean(value, choices)}")
 
 
 def check_finite_array(name: str, value, shape: tuple[int, ...]) -> np.ndarray:

@@ -62,7 +62,9 @@ MIN_BYTES = 10_000  # an empty matplotlib canvas is ~3 kB
 @pytest.fixture(scope="module")
 def stored(tmp_path_factory):
     """Every figure's shrunk sweeps, run once: ``{figure: [SweepResults, ...]}``."""
-    from dynamics.sweep import load_plan, load_sweep, run_sweep
+    from dynamics.sweep import run_sweep
+    from dynamics.sweep_plan import load_plan
+    from dynamics.sweep_store import load_sweep
 
     root = tmp_path_factory.mktemp("figure-sweeps")
     results = {}

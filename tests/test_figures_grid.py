@@ -19,7 +19,9 @@ from conftest import BOUND_SLACK, CLOSED_FORM, FLOAT32, QUADRATURE, assert_close
 from scipy.stats import norm
 
 from dynamics.config import build_problem
-from dynamics.sweep import load_plan, load_sweep, run_sweep
+from dynamics.sweep import run_sweep
+from dynamics.sweep_plan import load_plan
+from dynamics.sweep_store import load_sweep
 from figures import FIGURES, render, sweep_configs
 from figures.misalignment import THRESHOLDS, start_summary
 from figures.phase_diagram import THRESHOLD, steps_to_threshold, threshold_table

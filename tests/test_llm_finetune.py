@@ -38,7 +38,7 @@ BEHAVIORS = ["agreeableness", "narcissism"]
 
 @pytest.fixture(scope="module")
 def data(loaded_model, persona_root):  # noqa: F811
-    from llm_probes.finetune import preference_data
+    from llm_probes.logprobs import preference_data
     from llm_probes.persona import load_statements
 
     statements = load_statements(persona_root, BEHAVIORS, max_per_behavior=4, seed=0)
@@ -57,7 +57,7 @@ def _batch_index(data, per_behavior: int = 2) -> np.ndarray:
 
 
 def _loss(logps, ref, signs, beta):
-    from llm_probes.finetune import chosen_rejected, single_token_dpo_loss
+    from llm_probes.objective import chosen_rejected, single_token_dpo_loss
 
     chosen, rejected = chosen_rejected(logps.double(), signs)
     ref_chosen, ref_rejected = chosen_rejected(ref.double(), signs)
@@ -66,7 +66,7 @@ def _loss(logps, ref, signs, beta):
 
 def _full_sequence_pair(model, batch, data, signs, eos_id=None):
     """(B, 2) log π(Yes), log π(No) from two full-sequence forwards."""
-    from llm_probes.finetune import full_sequence_logps
+    from llm_probes.logprobs import full_sequence_logps
 
     b = batch["input_ids"].shape[0]
     yes, no = (torch.full((b,), t) for t in data.answers)
@@ -80,7 +80,7 @@ def _drop_grads(model):
 
 
 def test_single_token_loss_is_the_dpo_formula_and_log2_at_the_reference():
-    from llm_probes.finetune import single_token_dpo_loss
+    from llm_probes.objective import single_token_dpo_loss
 
     g = torch.Generator().manual_seed(0)
     a, b, c, d = (torch.randn(7, generator=g, dtype=torch.float64) for _ in range(4))
@@ -93,7 +93,7 @@ def test_single_token_loss_is_the_dpo_formula_and_log2_at_the_reference():
 
 
 def test_efficient_logps_equal_the_full_sequence_and_step0_loss_is_log2(loaded_model, data):  # noqa: F811,E501
-    from llm_probes.finetune import answer_logps
+    from llm_probes.logprobs import answer_logps
 
     model = loaded_model.model
     index = _batch_index(data)
@@ -121,7 +121,7 @@ def test_efficient_logps_equal_the_full_sequence_and_step0_loss_is_log2(loaded_m
 
 
 def test_gradient_matches_autograd_through_the_full_sequence(loaded_model, data):  # noqa: F811
-    from llm_probes.finetune import answer_logps
+    from llm_probes.logprobs import answer_logps
 
     model = loaded_model.model
     index = _batch_index(data, per_behavior=1)
@@ -147,7 +147,8 @@ def test_gradient_matches_autograd_through_the_full_sequence(loaded_model, data)
 
 
 def test_one_lora_step_changes_only_lora_parameters_and_lowers_the_loss(loaded_model, data):  # noqa: F811,E501
-    from llm_probes.finetune import answer_logps, prepare_policy, release_policy
+    from llm_probes.logprobs import answer_logps
+    from llm_probes.training import prepare_policy, release_policy
 
     model = loaded_model.model
     index = _batch_index(data)
@@ -184,7 +185,8 @@ def test_one_lora_step_changes_only_lora_parameters_and_lowers_the_loss(loaded_m
 
 
 def test_one_full_step_moves_lm_head_only_in_the_yes_no_rows(loaded_model, data):  # noqa: F811
-    from llm_probes.finetune import answer_logps, prepare_policy
+    from llm_probes.logprobs import answer_logps
+    from llm_probes.training import prepare_policy
 
     index = _batch_index(data, per_behavior=1)
     batch = data.prompts.batch(index, loaded_model.device)

@@ -21,17 +21,9 @@ from hypothesis import strategies as st
 
 from dynamics.config import parse_config
 from dynamics.experiment import run_experiment
-from dynamics.sweep import (
-    Grid,
-    SweepPlan,
-    load_plan,
-    load_sweep,
-    parse_grid,
-    parse_seeds,
-    point_id,
-    run_sweep,
-    sweep_status,
-)
+from dynamics.sweep import run_sweep
+from dynamics.sweep_plan import Grid, SweepPlan, load_plan, parse_grid, parse_seeds, point_id
+from dynamics.sweep_store import load_sweep, sweep_status
 from synthetic.validation import ParameterError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -185,9 +177,19 @@ def test_figure_configs_parse():
     for name in FIGURES:
         for config in sweep_configs(name):
             assert config.exists(), f"{name}: missing {config}"
-            plan = load_plan(config)
+            plan = load_plan(config, figures=FIGURES)
             assert plan.figure == name, f"{config.name} names figure {plan.figure!r}"
             assert plan.points()
+
+
+def test_unknown_figure_name_is_refused_when_the_names_are_given():
+    from figures import FIGURES
+
+    text = TINY.replace("[sweep]", '[sweep]\nfigure = "priorty"')
+    with pytest.raises(ParameterError, match=r"sweep\.figure = 'priorty' is not a known "
+                       r"figure \(did you mean 'priority'\?\)"):
+        load_plan("<t>", text=text, figures=FIGURES)
+    assert load_plan("<t>", text=text).figure == "priorty"  # dynamics knows no figures
 
 
 # ----------------------------------------------------------------------------- running
@@ -382,7 +384,8 @@ GATHER_PEAK = """
 import json, sys
 from pathlib import Path
 import numpy as np, pandas as pd, pyarrow as pa
-from dynamics.sweep import MANIFEST, gather, point_id
+from dynamics.sweep_plan import point_id
+from dynamics.sweep_store import MANIFEST, gather
 out, count, rows = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 (out / "points").mkdir(parents=True)
 values = list(range(count))
