@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from scipy import special
 
-from synthetic.validation import ParameterError, check_choice, check_number
+from synthetic.validation import ParameterError, check_choice, check_number, did_you_mean
 
 __all__ = ["Hyper", "Objective", "OBJECTIVES", "get_objective", "resolve_objective",
            "dpo_loss", "dpo_margin_loss", "cdpo_margin_loss", "robust_dpo_margin_loss",
@@ -71,7 +71,8 @@ def dpo_loss(
     """DPO loss per example (Rafailov et al. 2023, eq. 7), unreduced.
 
     .. math::
-        ℓ = −\\log σ\\big(β\\,[(\\log π(y_w) − \\log π_0(y_w)) − (\\log π(y_l) − \\log π_0(y_l))]\\big)
+        ℓ = −\\log σ\\big(β\\,[(\\log π(y_w) − \\log π_0(y_w))
+                           − (\\log π(y_l) − \\log π_0(y_l))]\\big)
 
     All four arguments have the same shape ``(B,)`` (or any broadcastable
     shape); the result has that shape. ``beta > 0``.
@@ -249,21 +250,13 @@ class Objective:
         for key, value in hyper.items():
             if key not in self.hyper:
                 valid = list(self.hyper) or ["(none)"]
-                close = [k for k in self.hyper if _close(key, k)]
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
                 raise ParameterError(f"{path}.{key}", value,
                                      f"is not a hyperparameter of {self.name!r}; its keys: "
-                                     f"{', '.join(valid)}{hint}")
+                                     f"{', '.join(valid)}{did_you_mean(key, self.hyper)}")
             out[key] = self.hyper[key].check(f"{path}.{key}", value)
         for key, spec in self.hyper.items():
             out.setdefault(key, spec.default)
         return out
-
-
-def _close(a: str, b: str) -> bool:
-    import difflib
-
-    return bool(difflib.get_close_matches(a, [b], n=1))
 
 
 # ============================================================================ derivatives

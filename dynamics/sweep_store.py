@@ -56,7 +56,10 @@ def store_point(points_dir: Path, point: Point, payload: bytes, elapsed: float) 
         frame[column] = frame[column].astype(str)
     frame.insert(0, "point", point.id)
     for key, value in point.overrides.items():
-        frame[key] = value
+        # a swept table or list (train.objective = { name = "cdpo", epsilon = 0.1 }) is
+        # one value per point: stored as its canonical JSON text, not spread over rows
+        frame[key] = (json.dumps(value, sort_keys=True, separators=(",", ":"))
+                      if isinstance(value, (dict, list)) else value)
     buffer = io.BytesIO()
     frame.to_parquet(buffer, index=False)
     meta = {"point": point.id, "overrides": point.overrides, "elapsed_s": round(elapsed, 3),

@@ -33,6 +33,7 @@ import pandas as pd
 import torch
 
 from dynamics.io import atomic_write, write_parquet
+from dynamics.metrics import tie_half
 from synthetic.statistics import behavior_statistics
 from synthetic.validation import ParameterError, check_integer
 
@@ -315,9 +316,8 @@ def feature_statistics(features: torch.Tensor, statements: pd.DataFrame, *,
     if reference is not None:
         logp = torch.log_softmax(x.double() @ reference.double().T, dim=-1)  # (n, V)
         s = torch.as_tensor(signs, dtype=torch.float64)
-        ranking = s * (logp[:, 0] - logp[:, 1])
-        tie_half = (ranking > 0).double() + 0.5 * (ranking == 0).double()
-        frame = pd.DataFrame({"b": beh[train], "acc": tie_half.numpy(),
+        ranking = s * (logp[:, 0] - logp[:, 1])  # log π0(y_w) − log π0(y_l)
+        frame = pd.DataFrame({"b": beh[train], "acc": tie_half(ranking).numpy(),
                               "p_yes": logp[:, 0].exp().numpy(),
                               "p_no": logp[:, 1].exp().numpy()})
         means = frame.groupby("b").mean()

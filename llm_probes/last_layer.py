@@ -62,7 +62,7 @@ from scipy import stats as sstats
 from dynamics.analytic import population_descent
 from dynamics.bounds import initial_loss_slope, priority_scores
 from dynamics.io import atomic_write, write_parquet
-from dynamics.metrics import tie_half
+from dynamics.metrics import pair_metrics
 from dynamics.model import NO, YES
 from dynamics.objectives import dpo_margin_loss
 from dynamics.simulate import SimulationResult, simulate_sample
@@ -191,11 +191,17 @@ def curves_frame(measured: SimulationResult, theory, *, mode: str) -> pd.DataFra
 
 def _test_metrics(delta: torch.Tensor, u0: torch.Tensor, x: torch.Tensor, s: torch.Tensor,
                   beta: float) -> dict[str, float]:
-    """Metrics of the final ``Δ`` (d,) on held-out features x (m, d), signs s (m,)."""
+    """Metrics of the final ``Δ`` (d,) on held-out features x (m, d), signs s (m,), by
+    :func:`dynamics.metrics.pair_metrics`. Only differences enter them: the
+    log-partition cancels in ``log π(y_w) − log π(y_l) = s (u0 + Δ)ᵀg`` and in the
+    reward margin ``β h``, ``h = s Δᵀg``, so no logit of the vocabulary is formed."""
     h = s * (x @ delta)  # (m,)
-    return {"test_loss": float(dpo_margin_loss(h, beta=beta).mean()),
-            "test_accuracy": float(tie_half(s * (x @ (u0 + delta))).mean()),
-            "test_reward_accuracy": float(tie_half(h).mean())}
+    zero = torch.zeros_like(h)
+    values = pair_metrics(loss=dpo_margin_loss(h, beta=beta),
+                          chosen_logps=s * (x @ (u0 + delta)), rejected_logps=zero,
+                          chosen_rewards=beta * h, rejected_rewards=zero)
+    return {f"test_{k}": float(values[k].mean()) for k in ("loss", "accuracy",
+                                                            "reward_accuracy")}
 
 
 def _slope(curve: pd.DataFrame) -> float:

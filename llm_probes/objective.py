@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from dynamics.metrics import tie_half
+from dynamics.metrics import pair_metrics
 from dynamics.objectives import dpo_loss
 from synthetic.statistics import behavior_statistics
 
@@ -59,25 +59,22 @@ def chosen_rejected(logps: torch.Tensor, signs: torch.Tensor):
 
 def statement_metrics(logps: torch.Tensor, ref: torch.Tensor, signs: torch.Tensor, *,
                       beta: float) -> dict[str, np.ndarray]:
-    """Per statement (float64): every name in :data:`METRICS`.
+    """Per statement (float64): every name in :data:`METRICS`, by
+    :func:`dynamics.metrics.pair_metrics` (the definitions the dynamics report).
 
     ``logps``, ``ref`` (n, 2) = log π(Yes), log π(No) of the policy and reference;
     ``signs (n,)``. ``accuracy`` = 1[log π(y_w) > log π(y_l)], ``reward_accuracy`` =
-    1[h > 0], ties one half (:func:`dynamics.metrics.tie_half`).
+    1[h > 0], ties one half.
     """
     chosen, rejected = chosen_rejected(logps.double(), signs)
     ref_chosen, ref_rejected = chosen_rejected(ref.double(), signs)
-    reward_chosen = beta * (chosen - ref_chosen)
-    reward_rejected = beta * (rejected - ref_rejected)
-    margin = reward_chosen - reward_rejected
-    values = {
-        "loss": single_token_dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=beta),
-        "accuracy": tie_half(chosen - rejected),
-        "reward_accuracy": tie_half(margin),
-        "rewards/chosen": reward_chosen, "rewards/rejected": reward_rejected,
-        "rewards/margins": margin, "logps/chosen": chosen, "logps/rejected": rejected,
-    }
-    return {k: v.detach().cpu().numpy() for k, v in values.items()}
+    values = pair_metrics(
+        loss=single_token_dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=beta),
+        chosen_logps=chosen, rejected_logps=rejected,
+        chosen_rewards=beta * (chosen - ref_chosen),
+        rejected_rewards=beta * (rejected - ref_rejected))
+    values.update({"logps/chosen": chosen, "logps/rejected": rejected})
+    return {k: values[k].detach().cpu().numpy() for k in METRICS}
 
 
 def behavior_rows(values: dict[str, np.ndarray], codes: np.ndarray, names: list[str],

@@ -73,13 +73,15 @@ class Mixture:
         For balanced, noise-free classes ``m_i = (μ_i⁺ − μ_i⁻)/2``: the preference
         signal every DPO step starts from (THEORY §2), shape ``(d,)``.
         """
-        mask = np.ones_like(self.signs, dtype=bool) if behavior is None else self.behavior == behavior
+        mask = (np.ones_like(self.signs, dtype=bool) if behavior is None
+                else self.behavior == behavior)
         w = self.weights[mask] / self.weights[mask].sum()
         return (w * self.signs[mask]) @ self.means[mask]
 
     def second_moment(self, behavior: int | None = None) -> np.ndarray:
         """``S = E[g gᵀ] = Σ_c π_c (Σ_c + μ_c μ_cᵀ)``, shape ``(d, d)``."""
-        mask = np.ones_like(self.signs, dtype=bool) if behavior is None else self.behavior == behavior
+        mask = (np.ones_like(self.signs, dtype=bool) if behavior is None
+                else self.behavior == behavior)
         w = self.weights[mask] / self.weights[mask].sum()
         mu = self.means[mask]
         return np.einsum("c,cij->ij", w, self.covs[mask]) + (w[:, None] * mu).T @ mu

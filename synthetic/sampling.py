@@ -106,7 +106,8 @@ def _generator(seed) -> np.random.Generator:
     return np.random.default_rng(check_integer("seed", seed, ge=0))
 
 
-def sample(problem: Problem, n: int, seed, *, dtype=torch.float32, device="cpu") -> PreferenceSample:
+def sample(problem: Problem, n: int, seed, *, dtype=torch.float32,
+           device="cpu") -> PreferenceSample:
     """Draw ``n`` statements from ``problem``; see the module docstring."""
     return _finish(problem, n, [seed], dtype, device, batched=False)
 

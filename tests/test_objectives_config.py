@@ -242,3 +242,15 @@ def test_readme_lists_the_registry():
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
     assert objectives_reference() in readme
+
+
+def test_a_sweep_over_objective_tables_keeps_one_value_per_point(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text(BASE + 'steps = 3\n\n[sweep]\nseeds = "0:2"\n\n[sweep.grid]\n'
+                    '"train.objective" = ["dpo", { name = "cdpo", epsilon = 0.1 }]\n')
+    assert main(["sweep", str(path), "--out", str(tmp_path / "s"), "--quiet", "--jobs", "1"]) == 0
+    from dynamics.sweep_store import load_sweep
+
+    frame = load_sweep(tmp_path / "s").frame()
+    assert sorted(set(frame["train.objective"])) == ['dpo', '{"epsilon":0.1,"name":"cdpo"}']
+    assert frame.groupby("point")["train.objective"].nunique().eq(1).all()
