@@ -55,6 +55,7 @@ from synthetic.validation import check_integer, check_number
 __all__ = ["PopulationFlow", "PopulationTrajectory", "population_descent"]
 
 _SQRT2 = np.sqrt(2.0)
+_POINTS_PER_CHUNK = 2**22  # quadrature values formed at once by the metrics (32 MiB float64)
 
 
 @dataclass
@@ -351,10 +352,16 @@ class PopulationFlow:
                 loss = torch.empty_like(mean)
                 levels = np.array([self._level(float(sd)) for sd in sds.amax(1)])
                 for level in np.unique(levels):  # rows whose largest spread picks one rule
-                    idx = torch.from_numpy(np.flatnonzero(levels == level))
-                    y, p, _ = self._rule(sds[idx])
-                    points = torch.addcmul(mean[idx, :, None], sds[idx, :, None], y)  # (e, C, J)
-                    loss[idx] = obj.loss(points, self.beta, **self.hyper) @ p
+                    which = np.flatnonzero(levels == level)
+                    y, p, _ = self._rule(sds[torch.from_numpy(which)])
+                    # a large β·sd refines the rule (J ~ 160·spread/panel_width nodes), so
+                    # the (rows, C, J) points are formed a few rows at a time: memory stays
+                    # under _POINTS_PER_CHUNK values whatever β is
+                    size = max(1, _POINTS_PER_CHUNK // (mean.shape[1] * len(y)))
+                    for start in range(0, len(which), size):
+                        idx = torch.from_numpy(which[start:start + size])
+                        points = torch.addcmul(mean[idx, :, None], sds[idx, :, None], y)
+                        loss[idx] = obj.loss(points, self.beta, **self.hyper) @ p
             total = total + loss
         return total
 

@@ -90,9 +90,12 @@ def drift_tube(mixture: Mixture, *, beta: float, lr: float, steps: int,
     if continuous:
         a, b = beta**2 * lam / 2, beta * np.linalg.norm(m)
         # Clip the exponent: past e^700 the min with the linear bound below decides.
-        growth = np.expm1(np.minimum(a * t, 700.0)) / a if a > 0 else t
-        norm = b * growth
-        radius = b * (growth - t) if a > 0 else np.zeros_like(t)
+        # expm1(700)/a overflows to inf for a tiny a; with no signal (b = 0) the tube
+        # is the point 0, not 0·inf = NaN.
+        with np.errstate(over="ignore"):
+            growth = np.expm1(np.minimum(a * t, 700.0)) / a if a > 0 else t
+        norm = b * growth if b > 0 else np.zeros_like(t)
+        radius = b * (growth - t) if a > 0 and b > 0 else np.zeros_like(t)
         norm = np.minimum(norm, 2 * beta * t * np.sqrt(lam))
         return Tube(k.astype(np.int64), t, norm, np.minimum(radius, b * t + norm), m, beta, lr)
     a, b = lr * beta**2 * lam / 2, lr * beta * np.linalg.norm(m)
