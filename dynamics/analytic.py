@@ -56,6 +56,14 @@ __all__ = ["PopulationFlow", "PopulationTrajectory", "population_descent"]
 
 _SQRT2 = np.sqrt(2.0)
 _POINTS_PER_CHUNK = 2**22  # quadrature values formed at once by the metrics (32 MiB float64)
+_GRADED_LEVEL = 4  # beyond a logit spread of 16·panel_width, graded rules (PopulationFlow._graded)
+_SATURATED = 40.0  # |logit| past which σ is within e^-40 of 0 or 1: no fine panels needed
+
+
+def _against(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """``Σ_j values[..., c, j]·weights[(c,) j]``: a rule shared by every component
+    (``(J,)``) or one per component (``(C, J)``)."""
+    return values @ weights if weights.ndim == 1 else (values * weights).sum(-1)
 
 
 @dataclass
@@ -183,6 +191,26 @@ class PopulationFlow:
         """The rule fine enough for the largest margin standard deviation ``max_sd``."""
         return self._rule_at(self._level(max_sd))
 
+    def _graded(self, mean: np.ndarray, sd: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Per-component rules ``(y, p, p·q)`` ``(C, J)`` for margins ``h = mean + sd·Y``
+        whose logit spread ``scale·sd`` is past :data:`_GRADED_LEVEL`: fine panels
+        (``panel_width`` logits wide) only where ``|scale·h| ≤ _SATURATED``, coarse
+        ones elsewhere, so the node count no longer grows with β·sd
+        (:meth:`synthetic.Family.graded_rule`)."""
+        sd = np.maximum(sd, 1e-300)
+        low = (-_SATURATED / self.scale - mean) / sd
+        high = (_SATURATED / self.scale - mean) / sd
+        y, p, q = self.family.graded_rule(low, high, self.panel_width / (self.scale * sd))
+        return y, p, p * q
+
+    def _rule_for(self, mean: np.ndarray, sd: np.ndarray) -> tuple[np.ndarray, ...]:
+        """The rule for margins ``h_c = mean_c + sd_c·Y`` ``(C,)``: the shared
+        uniform one (``(J,)`` arrays) up to :data:`_GRADED_LEVEL`, a graded one per
+        component (``(C, J)``) beyond, where a uniform rule would need
+        ``160·2^level`` nodes (hundreds of millions at β = 10⁴)."""
+        level = self._level(float(sd.max()) if sd.size else 0.0)
+        return self._rule_at(level) if level <= _GRADED_LEVEL else self._graded(mean, sd)
+
     def _rule(self, sd: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The same rule as torch tensors, for margin standard deviations ``sd``."""
         level = self._level(float(sd.max()) if sd.numel() else 0.0)
@@ -243,11 +271,12 @@ class PopulationFlow:
             _, first, second = self.objective.moments(mean, sd, self.beta, self.family,
                                                       **self.hyper)
             return first @ a["mean_term"] + (a["cov_term"] * second) @ cov_delta
-        y, p, pq = self._rule_np(float(sd.max()))
+        y, p, pq = self._rule_for(mean, sd)
         points = mean[:, None] + sd[:, None] * y  # (C, J): h = s θᵀμ + sd·y
         first, second = self.objective.derivatives(points, self.beta, **self.hyper)
         # constants −G π_c s_c μ_c and −G π_c folded in at set-up
-        return (first @ p) @ a["mean_term"] + (a["cov_term"] * (second @ pq)) @ cov_delta
+        return _against(first, p) @ a["mean_term"] + (
+            a["cov_term"] * _against(second, pq)) @ cov_delta
 
     def _cloud(self) -> torch.Tensor:
         """Scrambled Sobol points of every component in the full dimension,
@@ -351,7 +380,12 @@ class PopulationFlow:
             else:
                 loss = torch.empty_like(mean)
                 levels = np.array([self._level(float(sd)) for sd in sds.amax(1)])
-                for level in np.unique(levels):  # rows whose largest spread picks one rule
+                for e in np.flatnonzero(levels > _GRADED_LEVEL):  # one graded rule per row
+                    y, p, _ = self._graded(mean[e].numpy(), sds[e].numpy())
+                    points = mean[e, :, None].numpy() + sds[e, :, None].numpy() * y
+                    loss[e] = torch.from_numpy(_against(
+                        np.asarray(obj.loss(points, self.beta, **self.hyper)), p))
+                for level in np.unique(levels[levels <= _GRADED_LEVEL]):  # one shared rule
                     which = np.flatnonzero(levels == level)
                     y, p, _ = self._rule(sds[torch.from_numpy(which)])
                     # a large β·sd refines the rule (J ~ 160·spread/panel_width nodes), so
