@@ -40,13 +40,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from dynamics.analytic import PopulationFlow, population_descent  # noqa: E402
 from dynamics.model import reference_weights  # noqa: E402
+from dynamics.objectives import OBJECTIVES  # noqa: E402
 from dynamics.simulate import simulate_sample  # noqa: E402
 from synthetic.mixture import population_mixture  # noqa: E402
 from synthetic.problem import Problem, behaviors_with_angles  # noqa: E402
 from synthetic.sampling import PreferenceSample, sample_batch  # noqa: E402
 from timing import Contention, Quiet, best_of, fmt_t, no_stderr, now, table  # noqa: E402
 
-TARGETS = {"gemm_fraction": 0.3, "loop_speedup": 50.0, "flow_vs_sim": 100.0}
+TARGETS = {"gemm_fraction": 0.3, "step_efficiency": 0.6, "flow_vs_sim": 100.0,
+           "objectives_min_gemm_fraction": 0.3}
 NEVER = 10**9  # eval_every beyond the last step: metrics only at step 0 and the last step
 
 
@@ -128,21 +130,26 @@ def machine(quick: bool) -> dict:
 
 # ----------------------------------------------------------------------------- 1. GEMM fraction
 
-def shared_sample_case(n: int, d: int, p: int, steps: int, rounds: int) -> dict:
+def shared_sample_case(n: int, d: int, p: int, steps: int, rounds: int,
+                       objective: str = "dpo") -> dict:
+    """One seed × ``p`` configurations of ``objective``: its rows ``R`` (1 for the
+    Yes − No difference, 2 for the two rows, V = 2 for every row) multiply the GEMMs'
+    columns, so a step is 2 GEMMs of ``2·n·d·P·R`` FLOPs each."""
     problem = make_problem(d, 2)
     data = sample_batch(problem, n, [0])
     ref = reference_weights(d)
+    rows = OBJECTIVES[objective].rows or ref.shape[0]
     beta = np.geomspace(0.1, 1.0, p)
     lr = np.geomspace(0.05, 0.5, p)[::-1].copy()
     x2 = data.features[0]  # (n, d)
-    dmat = 0.01 * torch.randn(d, p)
-    rmat = torch.randn(n, p)
+    dmat = 0.01 * torch.randn(d, p * rows)
+    rmat = torch.randn(n, p * rows)
     clock = StepClock()
 
     def sim():
         clock.stamps.clear()
         simulate_sample(data, seeds=[0], beta=beta, lr=lr, steps=steps, reference=ref,
-                        eval_every=NEVER, progress=clock)
+                        eval_every=NEVER, progress=clock, objective=objective)
 
     def gemm_pair():  # the two GEMMs of one step, plain 2-D matmul, best of 5
         return best_of(lambda: (torch.matmul(x2, dmat), torch.matmul(x2.T, rmat)), 5)
@@ -157,9 +164,10 @@ def shared_sample_case(n: int, d: int, p: int, steps: int, rounds: int) -> dict:
         sim()
         step_medians.append(clock.median_step())
 
-    simulate_sample(data, seeds=[0], beta=beta, lr=lr, steps=2, reference=ref, eval_every=NEVER)
+    simulate_sample(data, seeds=[0], beta=beta, lr=lr, steps=2, reference=ref, eval_every=NEVER,
+                    objective=objective)
     t = interleave({"sim": sim_task, "ref": ref_task}, rounds)
-    flops_step = 2 * (2 * n * d * p)
+    flops_step = 2 * (2 * n * d * p * rows)
     sim_rate = steps * flops_step / t["sim"].min()
     sim_rate_med = steps * flops_step / np.median(t["sim"])
     step_rate = flops_step / min(step_medians)
@@ -215,6 +223,22 @@ def gemm_section(quick: bool, env: dict) -> float:
           f"/step with metrics off the hot path.")
     del head["data"]
 
+    # Every registered objective in the same regime (one line each).
+    n_o, d_o, p_o = head["n"], head["d"], head["p"]
+    objective_rows, fractions = [], {}
+    for name in OBJECTIVES:
+        o = shared_sample_case(n_o, d_o, p_o, steps, 2 if quick else 3, objective=name)
+        fractions[name] = o["sim_rate"] / o["ref_rate"]
+        objective_rows.append([name, OBJECTIVES[name].view, OBJECTIVES[name].rows or 2,
+                               f"{o['ref_rate'] / 1e9:.1f}", f"{o['sim_rate'] / 1e9:.1f}",
+                               f"{fractions[name]:.2f}"])
+        del o["data"]
+    table(f"Every objective, shared sample n={n_o} d={d_o} P={p_o} ({steps} steps)",
+          ["objective", "view", "rows R", "matmul", "sim best", "fraction"], objective_rows,
+          "GEMM columns P·R; fraction = sim / matmul of the same shapes (objectives_min_"
+          "gemm_fraction is the smallest).")
+    objectives_min = min(fractions.values())
+
     # Distinct samples: S seeds, P = 1.
     s, n, d, steps = (8, 4096, 64, 5) if quick else (32, 8192, 64, 15)
     problem = make_problem(d, 2)
@@ -257,7 +281,7 @@ def gemm_section(quick: bool, env: dict) -> float:
           "+ written, measured in the same rounds.\nThe 'runs as rows' line computes the same "
           "products with the run axis as the matrix rows (the layout\nsimulate_sample uses) and "
           "nothing else: the ceiling torch reaches for this regime on this machine.")
-    return fraction
+    return fraction, objectives_min
 
 
 # ----------------------------------------------------------------------------- 2. loop speed-up
@@ -441,6 +465,12 @@ def loop_section(quick: bool, env: dict) -> float:
         f"{k[6:]} {fmt_t(v * 1e-6 / pst)}" for k, v in top))
     floor = step_floor(data, p)
     ceiling = loop_step / ((floor["gemm"] + floor["sigmoid"]) / runs)
+    step_clock = StepClock()
+    QUIET()
+    simulate_sample(data, seeds=r["seeds"], beta=r["beta"], lr=r["lr"], steps=st,
+                    reference=ref, eval_every=NEVER, progress=step_clock)
+    measured_step = step_clock.median_step()
+    efficiency = (floor["gemm"] + floor["sigmoid"]) / measured_step
     gemm_rate = 4 * data.features.shape[1] * data.features.shape[2] * runs / floor["gemm"]
     print(f"  Floor of a batched step, timed bare (no profiler, best of 5 x 20): the 2 GEMMs "
           f"{fmt_t(floor['gemm'] / runs)} per run-step\n  ({gemm_rate / 1e9:.0f} GFLOP/s = "
@@ -448,6 +478,10 @@ def loop_section(quick: bool, env: dict) -> float:
           f"{fmt_t(floor['sigmoid'] / runs)};\n  a batched step with nothing else (a perfect "
           f"fusion) would put the speed-up at {ceiling:.1f}x. Measured batched run-step: "
           f"{fmt_t(r['batch_best'] / runs / st)}.")
+    print(f"\nHeadline: step_efficiency = {efficiency:.2f} = that floor "
+          f"({fmt_t(floor['gemm'] + floor['sigmoid'])}) / the measured batched step "
+          f"({fmt_t(measured_step)}, median via the progress hook; target >= "
+          f"{TARGETS['step_efficiency']}).")
     for key in ("data", "singles"):
         del r[key]
 
@@ -468,9 +502,10 @@ def loop_section(quick: bool, env: dict) -> float:
                      f"{o['loop_med'] / o['batch_med']:.1f}x"])
     table("Speed-up across workloads (loop time extrapolated from seed 0's runs, 2 rounds)",
           ["n", "d", "SxP", "steps", "loop/run-step", "batch/run-step", "best", "median"], rows)
-    print(f"\nHeadline: loop_speedup = {speed_best:.1f}x (best of rounds; target >= "
-          f"{TARGETS['loop_speedup']:.0f}x).")
-    return speed_best
+    print(f"\nloop_speedup = {speed_best:.1f}x (best of rounds; informational: its ceiling is "
+          f"the loop's per-call dispatch,\nwhich differs per machine; step_efficiency is the "
+          f"target).")
+    return speed_best, efficiency
 
 
 # ----------------------------------------------------------------------------- 3. flow vs sim
@@ -659,18 +694,20 @@ def main(argv=None) -> int:
     start = now()
     contention = Contention()
     env = machine(args.quick)
-    fraction = gemm_section(args.quick, env)
-    speedup = loop_section(args.quick, env)
+    fraction, objectives_min = gemm_section(args.quick, env)
+    speedup, efficiency = loop_section(args.quick, env)
     ratio = flow_section(args.quick)
     print("\n" + "=" * 78)
-    got = {"gemm_fraction": fraction, "loop_speedup": speedup, "flow_vs_sim": ratio}
+    got = {"gemm_fraction": fraction, "step_efficiency": efficiency, "flow_vs_sim": ratio,
+           "objectives_min_gemm_fraction": objectives_min}
     for key, value in got.items():
         status = "met" if value >= TARGETS[key] else "NOT met"
-        print(f"{key:14s} = {value:8.2f}   target >= {TARGETS[key]:g}: {status}")
+        print(f"{key:28s} = {value:8.2f}   target >= {TARGETS[key]:g}: {status}")
+    print(f"{'loop_speedup':28s} = {speedup:8.2f}   (informational)")
     print(f"total benchmark time {now() - start:.1f} s; {contention.report()};\n"
           f"{QUIET.summary()}")
-    print(f"bench_dynamics: gemm_fraction={fraction:.2f} loop_speedup={speedup:.1f} "
-          f"flow_vs_sim={ratio:.1f}")
+    print(f"bench_dynamics: gemm_fraction={fraction:.2f} step_efficiency={efficiency:.2f} "
+          f"flow_vs_sim={ratio:.1f} objectives_min_gemm_fraction={objectives_min:.2f}")
     return 0
 
 
