@@ -1,6 +1,11 @@
 """DPO learning dynamics in the last-layer model: analytic and simulated."""
 
-from dynamics.analytic import PopulationFlow, PopulationTrajectory, population_descent
+from dynamics.analytic import (
+    PopulationFlow,
+    PopulationTrajectory,
+    population_descent,
+    population_descent_many,
+)
 from dynamics.bounds import (
     Tube,
     accuracy_lower_bound,
@@ -18,7 +23,8 @@ from dynamics.objectives import OBJECTIVES, Objective, dpo_loss, dpo_margin_loss
 from dynamics.simulate import SimulationResult, simulate, simulate_sample
 
 __all__ = [
-    "PopulationFlow", "PopulationTrajectory", "population_descent", "Tube",
+    "PopulationFlow", "PopulationTrajectory", "population_descent", "population_descent_many",
+    "Tube",
     "accuracy_lower_bound", "certified_order", "drift_tube", "first_step",
     "initial_loss_slope", "loss_envelope", "priority_scores", "weight_change_bound",
     "BEHAVIOR_METRICS", "METRICS", "tidy_frame", "NO", "YES", "answer_logps", "policy_weights",
