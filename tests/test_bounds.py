@@ -260,3 +260,20 @@ def test_tube_stays_finite_over_long_horizons(continuous):
     lam = np.linalg.eigvalsh(mixture.second_moment())[-1]
     linear = 2 * 0.5 * 1.0 * tube.steps[-1] * np.sqrt(lam)
     assert tube.norm[-1] == pytest.approx(linear, rel=CLOSED_FORM)
+
+
+def test_continuous_tube_without_signal_is_a_point_not_nan():
+    """Regression (issue 11): with m = 0 the flow's tube is {0}. For a tiny β the rate
+    a = β²λ/2 is so small that expm1(700)/a overflows to inf once a·t > 700, and the
+    old ``b·inf`` with b = 0 was NaN. A tiny but nonzero signal must stay finite too."""
+    beta, lr, steps = 1e-8, 1e18, 50  # a·t reaches β²λ/2 · 5e19 ≈ 2500 > 700
+    silent = population_mixture(Problem((isotropic("b", 3, 0.0, sigma=1.0),)))
+    assert np.all(silent.signed_mean() == 0)
+    tube = drift_tube(silent, beta=beta, lr=lr, steps=steps, continuous=True)
+    assert np.all(tube.norm == 0) and np.all(tube.radius == 0)
+    faint = population_mixture(Problem((isotropic("b", 3, 1e-300, sigma=1.0),)))
+    assert np.any(faint.signed_mean() != 0)
+    for continuous in (False, True):
+        tube = drift_tube(faint, beta=beta, lr=lr, steps=steps, continuous=continuous)
+        assert np.all(np.isfinite(tube.norm)) and np.all(np.isfinite(tube.radius))
+        assert np.all(tube.norm >= 0) and np.all(tube.radius >= 0)
