@@ -135,7 +135,9 @@ def loss_envelope(mixture: Mixture, **kwargs) -> tuple[np.ndarray, np.ndarray]:
 
 
 def accuracy_lower_bound(mixture: Mixture, *, reference_direction: np.ndarray | None = None,
-                         kind: str | None = None, **kwargs) -> np.ndarray:
+                         kind: str | None = None, problem: Problem | None = None,
+                         n: int | None = None, failure_probability: float = 0.05,
+                         **kwargs) -> np.ndarray:
     """Theorem 3: a lower bound on per-behavior accuracy, shape ``(E, K)``.
 
     For the classifier ``v_k = u0 + Δ_k`` (ranking accuracy; ``u0`` is
@@ -151,11 +153,23 @@ def accuracy_lower_bound(mixture: Mixture, *, reference_direction: np.ndarray | 
     the Laplace CDF for laplace; the default for those families). Ties are not
     counted as correct, so the bound also holds for the tie-counts-half
     accuracies.
+
+    ``kind="sample"`` (Theorem 3S) is for a training run: ``mixture`` is the
+    empirical measure of a sample of size ``n`` drawn by :func:`synthetic.sample`
+    from ``problem`` (a ``gaussian`` or ``laplace`` one), and the bound on the
+    run's training accuracy holds at every step and for every behavior at once
+    with probability at least ``1 − failure_probability`` over the sample. It
+    replaces Cantelli's worst case by the family's projection law, paid for by a
+    Dvoretzky–Kiefer–Wolfowitz term ``√(log(2/α_g)/(2n_g))`` per true class;
+    see :func:`_sample_accuracy_bound`.
     """
+    if kind == "sample":
+        return _sample_accuracy_bound(mixture, problem, n, reference_direction,
+                                      failure_probability, **kwargs)
     tube = drift_tube(mixture, **kwargs)
     family = mixture.family
     default = "family" if family in ("gaussian", "laplace") else "cantelli"
-    kind = check_choice("kind", kind or default, ["family", "cantelli"])
+    kind = check_choice("kind", kind or default, ["family", "cantelli", "sample"])
     if kind == "family" and family not in ("gaussian", "laplace"):
         raise ParameterError("kind", kind, f"needs a Gaussian scale mixture, not {family!r}")
     u0 = np.zeros(mixture.dim) if reference_direction is None else np.asarray(
@@ -177,6 +191,86 @@ def accuracy_lower_bound(mixture: Mixture, *, reference_direction: np.ndarray | 
     per_c = np.stack(per_c, 1)  # (E, C)
     share = np.eye(mixture.num_behaviors)[mixture.behavior] * mixture.weights[:, None]
     return per_c @ (share / share.sum(0))
+
+
+# Thresholds τ of Theorem 3S, in units of the largest projection sd of the line
+# classifier: the bound holds for every τ at once, so the best on this grid is kept.
+_TAU_GRID = np.logspace(-3, 1, 241)
+
+
+def _sample_accuracy_bound(mixture: Mixture, problem: Problem | None, n: int | None,
+                           reference_direction, failure_probability: float,
+                           **kwargs) -> np.ndarray:
+    """Theorem 3S (docs/theory.md §6): a high-probability bound on a run's training accuracy.
+
+    For a behavior ``i`` at step ``k``, with ``v* = u0 + tβm`` (the *population* line),
+    ``R = min(r̂_k + tβ‖m̂ − m‖, B̂_k + tβ‖m‖) ≥ ‖v_k − v*‖`` (Theorem 1 on the sample),
+    ``ρ = R·max_{c∈i}‖μ̂_c‖`` and ``q = Σ_{c∈i} (n_c/n_i)‖Σ̂_c‖_op`` over the sample's
+    components, every ``τ > 0`` gives
+
+        accuracy_i ≥ 1 − Σ_g (n_g/n_i)(H_g(ρ + τ) + ε_g) − R² q / τ²,
+
+    where ``g`` runs over the behavior's true classes (``n_g`` statements each),
+    ``H_g`` is the CDF of ``s v*ᵀg`` in class ``g`` (label noise included) and
+    ``ε_g = √(log(2/α_g)/(2n_g))``; ``α_g = α/(G·D)`` splits the failure probability
+    ``α`` over the ``G`` true classes and the ``D`` distinct directions of ``v*`` (1 when
+    ``u0 = 0``, else one per step).
+    """
+    from synthetic.sampling import _layout  # the sampler's own (behavior, class, count)
+
+    if problem is None or n is None:
+        raise ParameterError("kind", "sample", "needs the problem and the sample size n")
+    failure_probability = check_number("failure_probability", failure_probability, gt=0, lt=1)
+    family = get_family(problem.family)
+    if problem.family not in ("gaussian", "laplace"):
+        raise ParameterError("kind", "sample",
+                             f"needs a Gaussian scale mixture, not {problem.family!r}")
+    groups = _layout(problem, n)
+    counts = np.array([count for _, _, count in groups], dtype=np.float64)
+    per_behavior = np.bincount([i for i, _, _ in groups], weights=counts,
+                               minlength=len(problem.names))
+    if not np.allclose(mixture.behavior_weights(), per_behavior / n, rtol=0, atol=0.5 / n):
+        raise ParameterError("n", n, "does not match the sample's behavior counts")
+    population = population_mixture(problem)
+    tube = drift_tube(mixture, **kwargs)
+    t, beta = tube.t, tube.beta
+    m = population.signed_mean()
+    u0 = np.zeros(mixture.dim) if reference_direction is None else np.asarray(
+        reference_direction, dtype=np.float64)
+    line = u0[None, :] + (t * beta)[:, None] * m[None, :]  # v*, (E, d)
+    radius = np.minimum(tube.radius + t * beta * np.linalg.norm(tube.signal - m),
+                        tube.norm + t * beta * np.linalg.norm(m))
+    directions = 1 if not np.any(u0) else len(t)
+    eps = np.sqrt(np.log(2 * len(groups) * directions / failure_probability) / (2 * counts))
+    sd = np.sqrt(np.maximum(np.einsum("ed,cdf,ef->ec", line, population.covs, line), 0.0))
+    unit = np.where(sd.max(1) > 0, sd.max(1), 1.0)  # (E,); where v* = 0 the bound is 0
+    tau = unit[:, None] * _TAU_GRID[None, :]  # (E, T)
+    bounds = np.zeros((len(t), len(problem.names)))
+    for i in range(bounds.shape[1]):
+        own = mixture.behavior == i
+        share = mixture.weights[own] / mixture.weights[own].sum()  # n_c'/n_i
+        shift = radius * max(np.linalg.norm(mu) for mu in mixture.means[own])  # ρ
+        spread = share @ np.array([_lambda_max(cov) for cov in mixture.covs[own]])  # q
+        cdf = np.zeros_like(tau)
+        slack = 0.0
+        for g, (behavior, true_sign, count) in enumerate(groups):
+            if behavior != i:
+                continue
+            slack += count / per_behavior[i] * eps[g]
+            members = np.flatnonzero((population.behavior == i)
+                                     & (population.true_signs == true_sign))
+            weight = population.weights[members] / population.weights[members].sum()
+            for c, w in zip(members, weight):
+                mean = population.signs[c] * (line @ population.means[c])  # (E,)
+                x = shift[:, None] + tau - mean[:, None]
+                scale = sd[:, c][:, None]
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    law = np.where(scale > 0, family.projection_cdf(x / scale), x >= 0)
+                cdf += count / per_behavior[i] * w * law
+        chebyshev = radius[:, None] ** 2 * spread / tau**2
+        best = (1.0 - cdf - slack - chebyshev).max(1)
+        bounds[:, i] = np.where(sd.max(1) > 0, np.maximum(best, 0.0), 0.0)
+    return bounds
 
 
 def initial_loss_slope(mixture: Mixture, *, beta: float) -> np.ndarray:

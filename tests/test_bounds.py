@@ -22,7 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
-from conftest import BOUND_SLACK, CLOSED_FORM, QMC, assert_close, assert_leq
+from conftest import BOUND_SLACK, CLOSED_FORM, QMC, Z_SCORE, assert_close, assert_leq
 from dynamics import (
     NO,
     YES,
@@ -260,3 +260,93 @@ def test_tube_stays_finite_over_long_horizons(continuous):
     lam = np.linalg.eigvalsh(mixture.second_moment())[-1]
     linear = 2 * 0.5 * 1.0 * tube.steps[-1] * np.sqrt(lam)
     assert tube.norm[-1] == pytest.approx(linear, rel=CLOSED_FORM)
+
+
+def test_continuous_tube_without_signal_is_a_point_not_nan():
+    """Regression (issue 11): with m = 0 the flow's tube is {0}. For a tiny β the rate
+    a = β²λ/2 is so small that expm1(700)/a overflows to inf once a·t > 700, and the
+    old ``b·inf`` with b = 0 was NaN. A tiny but nonzero signal must stay finite too."""
+    beta, lr, steps = 1e-8, 1e18, 50  # a·t reaches β²λ/2 · 5e19 ≈ 2500 > 700
+    silent = population_mixture(Problem((isotropic("b", 3, 0.0, sigma=1.0),)))
+    assert np.all(silent.signed_mean() == 0)
+    tube = drift_tube(silent, beta=beta, lr=lr, steps=steps, continuous=True)
+    assert np.all(tube.norm == 0) and np.all(tube.radius == 0)
+    faint = population_mixture(Problem((isotropic("b", 3, 1e-300, sigma=1.0),)))
+    assert np.any(faint.signed_mean() != 0)
+    for continuous in (False, True):
+        tube = drift_tube(faint, beta=beta, lr=lr, steps=steps, continuous=continuous)
+        assert np.all(np.isfinite(tube.norm)) and np.all(np.isfinite(tube.radius))
+        assert np.all(tube.norm >= 0) and np.all(tube.radius >= 0)
+
+
+# --------------------------------------------------------------------------- Theorem 3S
+
+SAMPLE_SEEDS = 200  # runs per case of the violation-frequency check
+
+
+@pytest.mark.parametrize("family, noise, behaviors, reference, failure", [
+    ("gaussian", 0.0, 1, False, 0.05),
+    ("gaussian", 0.0, 1, True, 0.5),
+    ("laplace", 0.1, 2, False, 0.5),
+    ("laplace", 0.0, 2, True, 0.05),
+])
+def test_sample_accuracy_bound_fails_at_most_its_probability(family, noise, behaviors,
+                                                              reference, failure):
+    """Theorem 3S holds with probability ≥ 1 − failure over the sample: across independent
+    samples, the share of runs in which any step or behavior falls below it is at most
+    ``failure`` (binomial tolerance Z_SCORE·sd)."""
+    made = behaviors_with_angles(4, [2.0, 1.5][:behaviors], 0.0, names=["a", "b"][:behaviors])
+    problem = Problem(tuple(made), family=family, label_noise=noise)
+    n, beta = 1000, 1.0
+    lr = step_size(population_mixture(problem), beta, 0.5)
+    seeds = list(range(SAMPLE_SEEDS))
+    data = sample_batch(problem, n, seeds, dtype=torch.float64)
+    w0 = reference_weights(4, vocab_size=2, seed=1) if reference else np.zeros((2, 4))
+    u0 = w0[YES] - w0[NO]
+    result = simulate_sample(data, seeds=seeds, beta=beta, lr=lr, steps=STEPS, reference=w0)
+    metric = "accuracy" if reference else "reward_accuracy"
+    violated, informative = 0, 0
+    for si in range(len(seeds)):
+        mix = empirical_mixture(data.features[si], data.signs[si], data.behavior, data.names)
+        bound = accuracy_lower_bound(mix, kind="sample", problem=problem, n=n,
+                                     reference_direction=u0 if reference else None,
+                                     failure_probability=failure, beta=beta, lr=lr,
+                                     steps=STEPS)
+        actual = result.per_behavior[metric][:, si, 0, :]
+        violated += bool(np.any(actual < bound - BOUND_SLACK))
+        informative += bool(np.any(bound[1:] > 0))
+    allowed = SAMPLE_SEEDS * failure + Z_SCORE * math.sqrt(SAMPLE_SEEDS * failure * (1 - failure))
+    assert violated <= allowed
+    assert informative == SAMPLE_SEEDS  # not passed by a bound of 0 after step 0
+
+
+def test_sample_accuracy_bound_is_informative_where_cantelli_is_not():
+    """The README's figure-4 regime (d = 16, σ = 1, n = 2000, β = 1, lr = 0.02): with
+    δ = 2 the per-sample Cantelli bound on the implicit-reward accuracy stays below 0.5
+    (it can pass 0.5 only when ‖d̂‖ > 2√‖Σ̂_c‖, here ≈ 2.25), while Theorem 3S passes it
+    with probability 0.95 and still holds in each run."""
+    problem = Problem((isotropic("b", 16, 2.0, sigma=1.0),))
+    n, seeds, kw = 2000, [0, 1, 2, 3], dict(beta=1.0, lr=0.02, steps=20)
+    data = sample_batch(problem, n, seeds, dtype=torch.float64)
+    result = simulate_sample(data, seeds=seeds, reference=np.zeros((2, 16)), **kw)
+    for si in range(len(seeds)):
+        mix = empirical_mixture(data.features[si], data.signs[si], data.behavior, data.names)
+        cantelli = accuracy_lower_bound(mix, kind="cantelli", **kw)[:, 0]
+        ours = accuracy_lower_bound(mix, kind="sample", problem=problem, n=n, **kw)[:, 0]
+        assert cantelli.max() < 0.5 < ours.max()
+        assert_leq(ours, result.per_behavior["reward_accuracy"][:, si, 0, 0])
+
+
+def test_sample_accuracy_bound_refuses_what_it_cannot_bound():
+    gaussian = Problem((isotropic("b", 2, 1.0),))
+    data = sample(gaussian, 50, 0, dtype=torch.float64)
+    mix = empirical_mixture(data.features, data.signs, data.behavior, data.names)
+    kw = dict(kind="sample", beta=1.0, lr=0.1, steps=3)
+    with pytest.raises(ParameterError, match="kind"):
+        accuracy_lower_bound(mix, **kw)  # no problem or n
+    with pytest.raises(ParameterError, match="kind"):
+        accuracy_lower_bound(mix, problem=Problem((isotropic("b", 2, 1.0),), family="uniform"),
+                             n=50, **kw)
+    two = Problem(tuple(behaviors_with_angles(2, [1.0, 1.0], 0.0, names=["a", "b"])))
+    with pytest.raises(ParameterError, match="n"):
+        accuracy_lower_bound(mix, problem=two, n=50, **kw)  # not the sample's layout
