@@ -256,6 +256,9 @@ def test_uniform_drift_matches_monte_carlo_for_correlated_covariance():
 def test_drift_tanh_identity_on_a_sample(problem, n, beta, seed, data):
     """Lemma 1: ``2β E[σ(−βsΔᵀg) s g] = βm − βE[tanh(βΔᵀg/2) g]`` on the empirical measure,
     with the label-free term of norm ≤ (β²λ/2)‖Δ‖."""
+    # every behavior needs a statement (the sampler refuses otherwise): at least one per
+    # behavior's share of n, the smallest weight's share being ≥ 0.2 / (0.2 + 2·1)
+    n = max(n, 12 * len(problem.behaviors))
     delta = data.draw(vectors(problem.dim, -2, 2))
     batch = sample_batch(problem, n, [seed], dtype=torch.float64)
     x, s = batch.features[0].numpy(), batch.signs[0].numpy()
