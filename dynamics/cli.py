@@ -10,14 +10,18 @@
                   [--device auto|cpu|cuda] [--max-statements N] [--seed S] [--quiet]
                   [options of NAME]    (real-LLM probes, see llm_probes/cli.py)
 
-Bad input (a config key, a value, a file) ends with a one-line
-``prefdyn: error: ...`` on stderr and exit code 2; nothing already written is
-removed, and ``metrics.parquet`` is only ever replaced whole.
+Bad input (a config key, a value, a file, an --out that cannot be written, an
+option, a run too big for the memory, an unreachable scheduler) ends with a one-line
+``prefdyn: error: ...`` on stderr and exit code 2, checked before anything is
+computed or written where possible (a disk that fills up while writing too);
+nothing already written is removed, and a run's ``metrics.parquet``, ``config.toml``
+and ``env.json`` are only ever replaced whole and together.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 import time
@@ -33,9 +37,12 @@ EXIT_USAGE = 2
 
 def _run(args) -> int:
     from dynamics.config import load_config
-    from dynamics.experiment import run_experiment, write_run
+    from dynamics.experiment import check_memory, run_experiment, write_run
+    from dynamics.io import check_out
 
+    args.out = check_out(args.out)
     config = load_config(args.config, args.set)
+    check_memory(config)
     frame = run_experiment(config, progress=not args.quiet)
     out = write_run(args.out, config, frame)
     if not args.quiet:
@@ -52,11 +59,14 @@ def _demo(args) -> int:
     import pandas as pd
 
     from dynamics.config import build_problem, load_config
-    from dynamics.experiment import run_experiment, summary_table, write_run
+    from dynamics.experiment import check_memory, run_experiment, summary_table, write_run
+    from dynamics.io import check_out
     from figures.learning_curves import plot_learning_curves
 
     start = time.perf_counter()
+    args.out = check_out(args.out)
     config = load_config(None, args.set, text=demo_config_text())
+    check_memory(config)
     frame = run_experiment(config, progress=not args.quiet)
     out = write_run(args.out, config, frame)
     figure = plot_learning_curves(
@@ -72,7 +82,8 @@ def _demo(args) -> int:
 
 
 def _sweep(args) -> int:
-    from dynamics.sweep import run_sweep
+    from dynamics.io import check_out
+    from dynamics.sweep import check_workers, run_sweep
     from dynamics.sweep_plan import load_plan
     from dynamics.sweep_store import sweep_status
     from figures import FIGURES
@@ -88,6 +99,8 @@ def _sweep(args) -> int:
         return 0
     if args.config is None or args.out is None:
         raise ParameterError("prefdyn sweep", "", "needs CONFIG and --out DIR (or --status DIR)")
+    args.out = check_out(args.out)
+    check_workers(args.jobs, args.threads)
     plan = load_plan(args.config, args.grid, args.seeds, overrides=args.set, figures=FIGURES)
     if not args.quiet:
         grids = " × ".join(f"{g.key} ({len(g.values)})" for g in plan.grids) or "one point"
@@ -102,11 +115,16 @@ def _sweep(args) -> int:
 
 
 def _figures(args) -> int:
-    from dynamics.sweep import run_sweep
+    from dynamics.io import check_out
+    from dynamics.sweep import check_workers, run_sweep
     from dynamics.sweep_plan import load_plan
     from dynamics.sweep_store import load_sweep
     from figures import FIGURES, render, sweep_configs
 
+    args.out = check_out(args.out)
+    if args.remake:
+        args.runs = check_out(args.runs, "--runs")
+        check_workers(args.jobs, None)
     sweeps = [load_sweep(d) for d in args.dirs]
     if args.remake:
         names = list(FIGURES) if args.remake == "all" else [args.remake]
@@ -147,7 +165,7 @@ def _parser() -> argparse.ArgumentParser:
                          description="Run one experiment: population theory and batched "
                          "simulation; writes metrics.parquet, config.toml, env.json.")
     run.add_argument("config", type=Path, help="experiment config (TOML)")
-    run.add_argument("--out", type=Path, required=True, help="output directory")
+    run.add_argument("--out", required=True, help="output directory")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config key, e.g. --set train.beta=0.5 (repeatable)")
     run.add_argument("--quiet", action="store_true", help="no progress bar or messages")
@@ -155,7 +173,7 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="the main job on an embedded default: three "
                           "behaviors, theory over simulation, a figure and a table")
-    demo.add_argument("--out", type=Path, default=Path("prefdyn-demo"),
+    demo.add_argument("--out", default="prefdyn-demo",
                       help="output directory (default: ./prefdyn-demo)")
     demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="override a key of the embedded config")
@@ -169,7 +187,7 @@ def _parser() -> argparse.ArgumentParser:
         "finishes; the same command again computes only the missing points.")
     sweep.add_argument("config", type=Path, nargs="?", help="experiment config (TOML), "
                        "optionally with a [sweep] table")
-    sweep.add_argument("--out", type=Path, help="sweep directory")
+    sweep.add_argument("--out", help="sweep directory")
     sweep.add_argument("--grid", action="append", default=[], metavar="KEY=VALUES",
                        help="KEY=V1,V2,... or KEY=START:STOP:NUM[:log] (repeatable; any config "
                        "key, e.g. problem.behaviors.0.distinguishability)")
@@ -193,10 +211,10 @@ def _parser() -> argparse.ArgumentParser:
         "and PDF. With --remake NAME (or all), first run that figure's sweeps from "
         "figures/sweeps/ into --runs (resumable).")
     figures.add_argument("dirs", type=Path, nargs="*", metavar="DIR", help="sweep directories")
-    figures.add_argument("--out", type=Path, required=True, help="figure directory")
+    figures.add_argument("--out", required=True, help="figure directory")
     figures.add_argument("--remake", metavar="NAME", help="run this figure's sweeps first "
                          "(or all)")
-    figures.add_argument("--runs", type=Path, default=Path("runs"),
+    figures.add_argument("--runs", default="runs",
                          help="where --remake keeps its sweeps (default: ./runs)")
     figures.add_argument("--jobs", type=int, help="local worker processes for --remake")
     figures.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -226,6 +244,14 @@ def main(argv=None) -> int:
         # Python from raising again when it flushes stdout at exit.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            raise
+        # a full disk in a writer that does not go through atomic_write (a figure)
+        print(f"prefdyn: error: --out = {str(getattr(args, 'out', ''))!r} must have free "
+              f"space: the disk filled up while writing {err.filename or 'a file'}",
+              file=sys.stderr)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":  # pragma: no cover

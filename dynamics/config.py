@@ -24,9 +24,11 @@ import numpy as np
 from dynamics.objectives import OBJECTIVES, resolve_objective
 from synthetic.families import FAMILIES
 from synthetic.problem import Behavior, Problem, behaviors_with_angles, isotropic
+from synthetic.sampling import allocate
 from synthetic.validation import (
     ParameterError,
     check_choice,
+    check_finite_array,
     check_integer,
     check_number,
     did_you_mean,
@@ -262,7 +264,22 @@ def parse_config(raw: dict) -> dict:
     if "batch_size" in train and train["batch_size"] > train["n"]:
         raise ParameterError("train.batch_size", train["batch_size"],
                              f"must be <= train.n = {train['n']}")
-    build_problem(config)  # every numeric check on means and covariances, with paths
+    names = [b["name"] for b in filled]
+    for j, name in enumerate(names):
+        if name in names[:j]:
+            raise ParameterError(f"problem.behaviors.{j}.name", name, f"must be unique "
+                                 f"(problem.behaviors.{names.index(name)} has it too)")
+    model = config["model"]
+    if "reference" in model:
+        check_finite_array("model.reference", model["reference"],
+                           (model["vocab_size"], config["problem"]["dim"]))
+    problem = build_problem(config)  # every numeric check on means and covariances, with paths
+    counts = allocate(train["n"], problem.weights)
+    if counts.min() < 1:
+        empty = problem.names[int(counts.argmin())]
+        raise ParameterError("train.n", train["n"], f"must give every behavior a statement "
+                             f"(behavior {empty!r} gets none; n·w = "
+                             f"{train['n'] * problem.weights.min():.2g})")
     return config
 
 
@@ -301,6 +318,10 @@ def read_toml(path: str | Path | None, text: str | None = None) -> dict:
             text = Path(path).read_text(encoding="utf-8")
         except OSError as err:
             raise ParameterError("config", source, f"cannot be read ({err.strerror})") from None
+        except UnicodeDecodeError as err:
+            line = err.object[:err.start].count(b"\n") + 1
+            raise ParameterError("config", source, f"must be UTF-8 text (byte "
+                                 f"0x{err.object[err.start]:02x} on line {line} is not)") from None
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
@@ -404,6 +425,9 @@ def build_problem(config: dict) -> Problem:
             dirs = behaviors_with_angles(dim, deltas, spec["cosines"])
         except ParameterError as err:
             raise err.at("problem") from None
+        except (TypeError, ValueError):  # a ragged or non-numeric matrix
+            raise ParameterError("problem.cosines", spec["cosines"], f"must be one number or "
+                                 f"a {len(deltas)}×{len(deltas)} matrix of numbers") from None
         directions = {i: b.direction for i, b in zip(builders, dirs)}
     else:
         if len(builders) > dim and not all("direction" in tables[i] for i in builders):

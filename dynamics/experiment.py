@@ -19,13 +19,15 @@ from tqdm.auto import tqdm
 
 from dynamics.bounds import accuracy_lower_bound, loss_envelope, weight_change_bound
 from dynamics.config import build_problem, dump_config, objective_name, phases_of
-from dynamics.io import atomic_write, environment, resolve_device
+from dynamics.io import atomic_write_all, environment, resolve_device
 from dynamics.model import NO, YES, reference_weights
 from dynamics.phases import flipped_mixture, run_simulation, run_theory
 from synthetic.mixture import empirical_mixture, population_mixture
 from synthetic.sampling import sample_batch
+from synthetic.validation import ParameterError
 
-__all__ = ["BOUND_COLUMNS", "run_experiment", "summary_table", "write_run"]
+__all__ = ["BOUND_COLUMNS", "available_memory", "check_memory", "estimate_memory",
+           "run_experiment", "summary_table", "write_run"]
 
 
 BOUND_COLUMNS = ("weight_change_bound", "loss_lower", "loss_upper", "accuracy_lower",
@@ -48,6 +50,99 @@ def _bounds(mixture, *, beta, lr, steps, reference, record, continuous=False) ->
     reward = accuracy_lower_bound(mixture, **kwargs)
     columns = np.broadcast_arrays(weight, lower, upper, acc, reward)
     return np.stack(columns, -1)[record]
+
+
+_FRAME_BYTES_PER_ROW = 1024
+"""A row of the tidy metrics table at its peak (about 24 columns, some of them Python
+objects, held by the per-phase frames and their concatenation at once): measured
+about 1 KiB (tests/test_bad_input.py)."""
+
+
+def _memory_terms(config: dict) -> dict[str, int]:
+    """The simulation's memory by part, in bytes (see :func:`estimate_memory`)."""
+    from dynamics.objectives import resolve_objective
+
+    problem, model, train = config["problem"], config["model"], config["train"]
+    seeds, n, dim = len(train["seeds"]), train["n"], problem["dim"]
+    behaviors, vocab = len(problem["behaviors"]), model["vocab_size"]
+    item = 8 if train["dtype"] == "float64" else 4
+    phases = phases_of(config)
+    rows = max((resolve_objective(p.objective)[0].rows or vocab) for p in phases)
+    batch = train.get("batch_size") or n
+    recorded = sum(p.steps // train["eval_every"] + 2 for p in phases if p.record)
+    features = seeds * n * dim
+    subset = any(p.behaviors is not None for p in phases)
+    return {
+        # numpy draws (float64), their stack, and the tensor in the run's dtype
+        "sampling": features * (8 + 8 + item),
+        # the features and their signed copy (and a training subset's), the (S, P·R, B)
+        # margins, the evaluator's (6, S, P, n) buffer and its scratch
+        "training": features * item * (2 + 2 * subset) + seeds * (rows * batch + 7 * n) * item,
+        # the recorded (E, S, P, K, 7) metrics and the tidy table built from them
+        "metrics": recorded * seeds * behaviors * (7 * 8 + _FRAME_BYTES_PER_ROW),
+    }
+
+
+def estimate_memory(config: dict) -> int:
+    """Peak memory of the simulation of a resolved config, in bytes (an estimate).
+
+    Counts the big arrays: the ``S × n × d`` features (drawn in float64, then held
+    in the run's dtype with a signed copy), the ``(S, P·R, n)`` margin buffer, the
+    evaluator's ``(6, S, P, n)`` buffer and the recorded metrics (``E × S × P × K × 7``
+    and the tidy table), with ``P = 1`` configuration per run. The population flow
+    (:mod:`dynamics.analytic`) is not counted.
+    """
+    terms = _memory_terms(config)
+    return int(max(terms["sampling"], terms["training"]) + terms["metrics"])
+
+
+def available_memory(device: str = "cpu") -> int | None:
+    """Bytes free for a run on ``device``: ``MemAvailable`` of ``/proc/meminfo`` on
+    the CPU, the free memory of the GPU for CUDA; None when unknown."""
+    if device != "cpu":
+        try:
+            dev = resolve_device(device)
+        except ParameterError:
+            return None
+        if dev.type == "cuda":
+            try:
+                return int(torch.cuda.mem_get_info(dev)[0])
+            except RuntimeError:
+                return None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _size(count: int) -> str:
+    return f"{count / (1 << 30):.1f} GiB" if count >= 1 << 30 else f"{count / (1 << 20):.0f} MiB"
+
+
+def check_memory(config: dict, *, jobs: int = 1) -> None:
+    """Refuse a config whose :func:`estimate_memory` (times ``jobs`` runs at once)
+    exceeds :func:`available_memory`, naming the keys that reduce it; no check when
+    the available memory is unknown."""
+    terms = _memory_terms(config)
+    need = estimate_memory(config) * jobs
+    available = available_memory(config["train"]["device"])
+    if available is None or need <= available:
+        return
+    sizes = (f"the run needs about {_size(need)} of memory"
+             f"{f' ({jobs} at once)' if jobs > 1 else ''} and {_size(available)} are "
+             f"available")
+    also = ", or --jobs" if jobs > 1 else ""
+    train = config["train"]
+    if terms["metrics"] > max(terms["sampling"], terms["training"]):
+        raise ParameterError("train.eval_every", train["eval_every"],
+                             f"must be larger: {sizes}; raise train.eval_every or reduce "
+                             f"train.steps or train.seeds{also}")
+    raise ParameterError("train.n", train["n"], f"must be smaller: {sizes}; reduce train.n, "
+                         f"train.seeds or problem.dim{also}")
 
 
 def run_experiment(config: dict, *, progress: bool = True) -> pd.DataFrame:
@@ -131,13 +226,17 @@ def _recorded(items: list, phases) -> list:
 
 
 def write_run(out: str | Path, config: dict, frame: pd.DataFrame) -> Path:
-    """Write ``metrics.parquet``, ``config.toml`` and ``env.json`` under ``out``."""
+    """Write ``metrics.parquet``, ``config.toml`` and ``env.json`` under ``out``, all
+    or none: the three are written to temporaries first and renamed into place
+    together (metrics first), so a write that fails (a full disk) leaves ``out`` as
+    it was, and a run directory never holds a config and env without metrics."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     env = environment(config["train"]["device"])
-    atomic_write(out / "config.toml", lambda p: p.write_text(dump_config(config)))
-    atomic_write(out / "env.json", lambda p: p.write_text(json.dumps(env, indent=2) + "\n"))
-    atomic_write(out / "metrics.parquet", lambda p: frame.to_parquet(p, index=False))
+    atomic_write_all({
+        out / "metrics.parquet": lambda p: frame.to_parquet(p, index=False),
+        out / "config.toml": lambda p: p.write_text(dump_config(config)),
+        out / "env.json": lambda p: p.write_text(json.dumps(env, indent=2) + "\n"),
+    })
     return out
 
 

@@ -11,9 +11,11 @@ half-written one. :func:`environment` is the ``env.json`` of a run and the
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import uuid
@@ -26,32 +28,109 @@ import torch
 
 from synthetic.validation import ParameterError, check_choice
 
-__all__ = ["atomic_write", "write_json", "write_parquet", "environment", "resolve_device",
-           "resolve_device_option"]
+__all__ = ["atomic_write", "atomic_write_all", "check_out", "write_json", "write_parquet",
+           "environment", "resolve_device", "resolve_device_option", "MIN_FREE_BYTES"]
+
+MIN_FREE_BYTES = 1 << 20
+"""An output directory on a file system with less free space than this is refused
+before anything is computed (:func:`check_out`)."""
+_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+_DENIED = {errno.EACCES, errno.EPERM, errno.EROFS}
 
 
 # ----------------------------------------------------------------------------- files
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
+def check_out(out, option: str = "--out") -> Path:
+    """``out`` as a :class:`~pathlib.Path`, refused (a :class:`ParameterError` naming
+    ``option``) unless it can become an output directory: not empty, not an existing
+    file, not under a file, writable, and on a file system with at least
+    :data:`MIN_FREE_BYTES` free. Creates nothing; call it before computing."""
+    text = os.fspath(out) if out is not None else ""
+    if not str(text).strip():
+        raise ParameterError(option, str(text), "must name a directory (it is empty)")
+    path = Path(text).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ParameterError(option, str(out), "must be a directory, not an existing file")
+    existing = path
+    while not existing.exists():  # the nearest ancestor that exists
+        if existing.is_symlink():  # a dangling link: mkdir would fail on it
+            raise ParameterError(option, str(out), f"must not pass through the broken link "
+                                 f"{existing}")
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ParameterError(option, str(out), f"must not lie under a file ({existing} is "
+                             f"a file)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ParameterError(option, str(out), f"must be writable ({existing} is not)")
+    try:
+        free = shutil.disk_usage(existing).free
+    except OSError:
+        free = None
+    if free is not None and free < MIN_FREE_BYTES:
+        raise ParameterError(option, str(out), f"must be on a disk with free space ({free} "
+                             f"bytes left on the disk of {existing})")
+    return path
+
+
+def _write_error(err: OSError, path: Path, option: str) -> ParameterError | None:
+    """A full disk or a denied write as a one-line error naming ``option``."""
+    if err.errno in _FULL:
+        return ParameterError(option, str(path.parent), f"must have free space: the disk "
+                              f"filled up while writing {path.name} (nothing half-written "
+                              f"was kept)")
+    if err.errno in _DENIED:
+        return ParameterError(option, str(path.parent), f"must be writable: {path.name} "
+                              f"could not be written ({err.strerror})")
+    if isinstance(err, (NotADirectoryError, FileExistsError)):
+        return ParameterError(option, str(path.parent), f"must be a directory "
+                              f"({err.strerror}: {err.filename})")
+    return None
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], object], *,
+                 option: str = "--out") -> Path:
     """Write ``path`` whole or not at all; returns ``path`` (a :class:`~pathlib.Path`).
 
     ``write(tmp)`` creates and fills ``tmp``, a fresh name beside ``path`` (same
     directory, so the rename is atomic): ``.NAME.PID.HEX.tmp``, which a killed
     writer may leave behind and ``prefdyn sweep`` removes. Then ``tmp`` replaces
     ``path``. If ``write`` raises, ``tmp`` is removed and ``path`` is left as it
-    was. The parent directory is created if missing.
+    was. The parent directory is created if missing. A full disk (``ENOSPC``), a
+    denied write or a parent that is a file is a one-line :class:`ParameterError`
+    naming ``option`` (the option that chose the directory).
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    return atomic_write_all({path: write}, option=option)[0]
+
+
+def atomic_write_all(files: dict, *, option: str = "--out") -> list[Path]:
+    """Write several files all or none: each ``write(tmp)`` of ``{path: write}`` fills
+    its temporary first, and only when every one succeeded are they renamed into
+    place, in the order given (renames do not fail for space). If any write fails,
+    every temporary is removed and no ``path`` changes. Errors as
+    :func:`atomic_write`."""
+    paths = [Path(p) for p in files]
+    done: list[Path] = []
+    current = paths[0] if paths else Path(".")
     try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+        for path, write in zip(paths, files.values()):
+            current = path
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+            done.append(tmp)
+            write(tmp)
+        for tmp, path in zip(done, paths):
+            current = path
+            os.replace(tmp, path)
+    except BaseException as err:
+        for tmp in done:
+            tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            mapped = _write_error(err, current, option)
+            if mapped is not None:
+                raise mapped from None
         raise
-    return path
+    return paths
 
 
 def write_json(path: str | os.PathLike, record: dict) -> Path:

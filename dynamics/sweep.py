@@ -43,7 +43,7 @@ from synthetic.validation import ParameterError, check_integer
 
 __all__ = ["Grid", "Point", "SweepPlan", "SweepReport", "parse_grid", "parse_seeds",
            "load_plan", "run_sweep", "sweep_status", "gather", "load_sweep", "SweepResults",
-           "run_point"]
+           "run_point", "check_workers"]
 
 
 # ----------------------------------------------------------------------------- one point
@@ -78,7 +78,81 @@ def _local_executor(jobs: int):
     return ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"))
 
 
-def _connect(address: str, timeout: float = 8.0):
+def check_workers(jobs, threads) -> None:
+    """``--jobs`` and ``--threads``, when given, must be integers >= 1 (checked before
+    a sweep writes anything)."""
+    if jobs is not None:
+        check_integer("--jobs", jobs, ge=1)
+    if threads is not None:
+        check_integer("--threads", threads, ge=1)
+
+
+def _probe_address(address: str, timeout: float) -> None:
+    """Open (and close) a TCP connection to a ``tcp://`` or ``tls://`` scheduler address,
+    so that a refused port or an unknown host is an error at once, not after the
+    client's retries; other protocols (``inproc://``, ``ucx://``) are left to Dask."""
+    import socket
+
+    scheme, sep, rest = address.partition("://")
+    if not sep:
+        scheme, rest = "tcp", address
+    if scheme not in ("tcp", "tls"):
+        return
+    host, colon, port = rest.rstrip("/").rpartition(":")
+    host = host.strip("[]")
+    if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ParameterError("--scheduler", address, "must look like tcp://HOST:PORT")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except socket.gaierror as err:
+        raise ParameterError("--scheduler", address, f"is not reachable: unknown host "
+                             f"({err.strerror})") from None
+    except ConnectionRefusedError:
+        raise ParameterError("--scheduler", address, "is not reachable: the connection was "
+                             "refused (no scheduler listens there)") from None
+    except (TimeoutError, socket.timeout):
+        raise ParameterError("--scheduler", address, f"is not reachable within "
+                             f"{timeout:g} s (no answer)") from None
+    except OSError as err:
+        raise ParameterError("--scheduler", address, f"is not reachable "
+                             f"({err.strerror or type(err).__name__})") from None
+
+
+def _handshake(address: str, timeout: float) -> None:
+    """Open a Dask comm to ``address`` (its handshake) within ``timeout`` seconds: a
+    host that accepts the connection but never answers (not a scheduler, or a hung
+    one) is an error, where the client alone would wait forever. Runs in its own
+    thread, so that it works with or without an event loop in the caller's."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from distributed.comm import connect
+
+    async def opened():
+        comm = await connect(address, timeout=timeout)
+        await comm.close()
+
+    def run():
+        asyncio.run(asyncio.wait_for(opened(), timeout))
+
+    with ThreadPoolExecutor(1) as pool:
+        try:
+            pool.submit(run).result()
+        except (TimeoutError, asyncio.TimeoutError):
+            raise ParameterError("--scheduler", address, f"is not reachable within "
+                                 f"{timeout:.0f} s (connected, but no Dask scheduler "
+                                 f"answered)") from None
+        except (OSError, ValueError) as err:
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise ParameterError("--scheduler", address, f"is not reachable "
+                                 f"({reason[:120]})") from None
+
+
+def _connect(address: str, timeout: float = 6.0):
+    """A Dask client of the scheduler at ``address``; a one-line error naming
+    ``--scheduler`` at once if the port is refused, within ``timeout`` seconds (plus
+    a moment) if the host or the scheduler does not answer."""
     try:
         from distributed import Client
     except ImportError:
@@ -86,9 +160,13 @@ def _connect(address: str, timeout: float = 8.0):
                              "'prefdyn[dask]'") from None
     import logging
 
+    start = time.monotonic()
+    _probe_address(address, timeout)
+    _handshake(address, max(1.0, timeout - (time.monotonic() - start)))
+    left = max(1.0, timeout - (time.monotonic() - start))
     logging.getLogger("distributed").setLevel(logging.ERROR)
     try:
-        return Client(address, timeout=f"{timeout}s", set_as_default=False)
+        return Client(address, timeout=f"{left:.1f}s", set_as_default=False)
     except (OSError, TimeoutError, ValueError) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise ParameterError("--scheduler", address, f"is not reachable within {timeout:g} s "
@@ -161,8 +239,15 @@ def run_sweep(plan: SweepPlan, out: str | Path, *, jobs: int | None = None,
     out = Path(out)
     points = plan.points()
     manifest = plan.manifest()
+    from dynamics.experiment import check_memory
+
     cores = os.cpu_count() or 1
-    client = _connect(scheduler) if scheduler is not None else None  # before writing anything
+    # every check before anything is written
+    check_workers(jobs, threads)
+    if scheduler is None:
+        for point in points:
+            check_memory(point.config, jobs=min(jobs or cores, len(points)))
+    client = _connect(scheduler) if scheduler is not None else None
     try:
         prepare_directory(out, manifest)
         by_id = {p.id: p for p in points}
@@ -171,10 +256,8 @@ def run_sweep(plan: SweepPlan, out: str | Path, *, jobs: int | None = None,
         pending = [by_id[pid] for pid in todo]
         if jobs is None:
             jobs = max(1, min(cores, len(pending)))
-        jobs = check_integer("--jobs", jobs, ge=1)
         if threads is None:
             threads = 1 if scheduler else max(1, cores // jobs)
-        threads = check_integer("--threads", threads, ge=1)
         bar = tqdm(total=len(points), initial=len(points) - len(pending), unit="point",
                    desc="sweep", disable=not progress, file=sys.stderr, smoothing=0.1)
         computed, failures = [], 0

@@ -140,37 +140,52 @@ def parse_grid(text: str) -> Grid:
     return Grid(key, _values(key, spec))
 
 
-def parse_seeds(spec) -> list[int]:
-    """``"START:STOP"`` (STOP excluded), ``"a,b,c"``, a count ``N`` or a list."""
+def parse_seeds(spec, name: str = "--seeds") -> list[int]:
+    """``"START:STOP"`` (STOP excluded), ``"a,b,c"``, a count ``N`` or a list; errors
+    name ``name`` (``--seeds``, or ``sweep.seeds`` for the ``[sweep]`` table's)."""
     if isinstance(spec, list):
         seeds = spec
     elif isinstance(spec, int) and not isinstance(spec, bool):
-        seeds = list(range(check_integer("--seeds", spec, ge=1)))
+        seeds = list(range(check_integer(name, spec, ge=1)))
     elif isinstance(spec, str) and ":" in spec:
         parts = spec.split(":")
         ends = [_scalar(p) for p in parts]
         if len(parts) != 2 or not all(isinstance(e, int) and not isinstance(e, bool)
                                       for e in ends):
-            raise ParameterError("--seeds", spec, "must look like START:STOP (integers)")
+            raise ParameterError(name, spec, "must look like START:STOP (integers)")
         if not 0 <= ends[0] < ends[1]:
-            raise ParameterError("--seeds", spec, "must have 0 <= START < STOP")
+            raise ParameterError(name, spec, "must have 0 <= START < STOP")
         seeds = list(range(*ends))
     elif isinstance(spec, str):
         seeds = [_scalar(p) for p in spec.split(",")]
         if len(seeds) == 1 and isinstance(seeds[0], int):
-            return parse_seeds(seeds[0])
+            return parse_seeds(seeds[0], name)
     else:
-        raise ParameterError("--seeds", spec, "must be START:STOP, a list or a count")
+        raise ParameterError(name, spec, "must be START:STOP, a list or a count")
     if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
                             for s in seeds):
-        raise ParameterError("--seeds", spec, "must be integers >= 0")
+        raise ParameterError(name, spec, "must be integers >= 0")
     if len(set(seeds)) != len(seeds):
-        raise ParameterError("--seeds", spec, "must not repeat a seed")
+        raise ParameterError(name, spec, "must not repeat a seed")
     return list(seeds)
 
 
+def _same_number(value):
+    """``value`` with every integral float as an int (``1.0`` → ``1``), in lists and
+    tables too, so that values equal as numbers have one canonical form."""
+    if isinstance(value, float) and math.isfinite(value) and value == int(value):
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _same_number(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_same_number(v) for v in value]
+    return value
+
+
 def _canonical(value) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+    """Canonical JSON of a value: sorted keys, and numbers equal as numbers (``1``,
+    ``1.0``) written the same."""
+    return json.dumps(_same_number(value), sort_keys=True, separators=(",", ":"))
 
 
 # ----------------------------------------------------------------------------- keys
@@ -289,12 +304,18 @@ def load_plan(path: str | Path, grids: Sequence[str] = (), seeds: str | None = N
     if not isinstance(grid_table, dict):
         raise ParameterError("sweep.grid", grid_table, "must be a table of KEY = values")
     merged = {key: Grid(key, _values(key, spec)) for key, spec in grid_table.items()}
+    given: set[str] = set()
     for item in grids:
         grid = parse_grid(item)
-        merged[grid.key] = grid
-    seed_spec = seeds if seeds is not None else table.get("seeds")
-    if seed_spec is not None:
-        raw.setdefault("train", {})["seeds"] = parse_seeds(seed_spec)
+        if grid.key in given:
+            raise ParameterError("--grid", grid.key, "is given twice; give each key once "
+                                 "(KEY=V1,V2,...)")
+        given.add(grid.key)
+        merged[grid.key] = grid  # the command line wins over [sweep.grid]
+    if seeds is not None:
+        raw.setdefault("train", {})["seeds"] = parse_seeds(seeds)
+    elif table.get("seeds") is not None:
+        raw.setdefault("train", {})["seeds"] = parse_seeds(table["seeds"], "sweep.seeds")
     parse_config(copy.deepcopy(raw))  # the base itself must be valid
     for key in merged:
         check_key(key, raw)

@@ -107,7 +107,7 @@ def _common_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--behaviors", required=True, metavar="A,B,...",
                        help="comma-separated behavior names (file stems of the persona "
                        "directory), or all")
-    group.add_argument("--out", type=Path, required=True, help="output directory")
+    group.add_argument("--out", required=True, help="output directory")
     group.add_argument("--persona-dir", type=Path, metavar="DIR",
                        help="directory of persona .jsonl files (default: $PREFDYN_PERSONA_DIR)")
     group.add_argument("--model", metavar="PATH", help="a local Hugging Face model directory "
@@ -155,8 +155,10 @@ def parse_behaviors(text: str, available: list[str]) -> list[str]:
 
 def build_context(args: argparse.Namespace) -> ProbeContext:
     """The :class:`ProbeContext` of parsed common options (validates them)."""
+    from dynamics.io import check_out
     from llm_probes.persona import list_behaviors, load_statements, persona_dir
 
+    args.out = check_out(args.out)  # before the statements and the model are loaded
     directory = persona_dir(args.persona_dir)
     behaviors = parse_behaviors(args.behaviors, list_behaviors(directory))
     if args.max_statements is not None:

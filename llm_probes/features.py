@@ -82,7 +82,7 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
         with open(tmp, "wb") as handle:
             np.save(handle, array)
 
-    atomic_write(path, write)
+    atomic_write(path, write, option="the feature cache (PREFDYN_CACHE)")
 
 
 def _read_manifest(directory: Path, n: int) -> dict | None:

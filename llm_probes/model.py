@@ -144,7 +144,7 @@ def load_model(path: str | os.PathLike | None = None, *, device: str = "auto",
         try:
             tokenizer = transformers.AutoTokenizer.from_pretrained(directory,
                                                                    local_files_only=True)
-        except (OSError, ValueError, KeyError, ImportError) as err:
+        except Exception as err:  # noqa: BLE001 - any failure to parse a bad file
             raise ParameterError("--model", str(source), f"has a tokenizer that cannot be "
                                  f"loaded: {_first_line(err)}") from None
         model = converted if converted is not None else _load_directory(transformers, directory)
@@ -202,6 +202,14 @@ def _resolve_model_path(path) -> tuple[str, Path, str]:
     if missing:
         raise ParameterError("--model", str(path), "is not a Hugging Face model directory: it "
                              f"has no {' and no '.join(missing)}")
+    try:
+        config = json.loads((source / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ParameterError("--model", str(path), f"has a config.json that cannot be read as "
+                             f"JSON ({_first_line(err)})") from None
+    if not isinstance(config, dict):
+        raise ParameterError("--model", str(path), "has a config.json that is not a JSON "
+                             "object")
     return "hf", source.resolve(), source.resolve().name
 
 
@@ -248,7 +256,7 @@ def _load_directory(transformers, directory: Path):
     try:
         return transformers.AutoModelForCausalLM.from_pretrained(
             directory, dtype=torch.float32, local_files_only=True)
-    except (OSError, ValueError, KeyError, ImportError) as err:
+    except Exception as err:  # noqa: BLE001 - a corrupt or truncated weight file
         raise ParameterError("--model", str(directory), f"cannot be loaded as a causal LM: "
                              f"{_first_line(err)}") from None
 
@@ -322,7 +330,7 @@ def _convert_gguf(transformers, gguf: Path, out: Path, progress: bool):
                 gguf.parent, gguf_file=gguf.name, local_files_only=True)
             loaded = auto.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
                                           local_files_only=True)
-        except (OSError, ValueError, KeyError, NotImplementedError, ImportError) as err:
+        except Exception as err:  # noqa: BLE001 - a truncated or corrupt GGUF file
             raise ParameterError("--model", str(gguf), f"cannot be loaded from GGUF: "
                                  f"{_first_line(err)}") from None
         # save_pretrained refuses a GGUF-loaded model: copy its weights into a plain one,

@@ -306,10 +306,10 @@ def test_unreachable_scheduler_fails_fast_and_writes_nothing(tmp_path):
     pytest.importorskip("distributed")
     start = time.perf_counter()
     with pytest.raises(ParameterError, match=r"--scheduler = 'tcp://127\.0\.0\.1:9' is not "
-                       r"reachable within 8 s"):
+                       r"reachable: the connection was refused"):
         run_sweep(tiny_plan(), tmp_path / "never", scheduler="tcp://127.0.0.1:9",
                   progress=False)
-    assert time.perf_counter() - start < 10  # the issue: a clear error within 10 s
+    assert time.perf_counter() - start < 2  # issue 11: a refused port errors at once
     assert not (tmp_path / "never").exists()
 
 
