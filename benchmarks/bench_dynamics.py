@@ -18,11 +18,11 @@ Four headline ratios, each measured against a reference timed in the same run
    elementwise pass, timed alone) over the measured step. ``loop_speedup`` (one
    batched call against a Python loop of per-run calls) is printed beside it; its
    ceiling is the loop's dispatch cost, which differs per machine.
-3. ``flow_vs_sim``: a sweep of 16 configurations (β, lr) of one problem, each
-   solver in one call: ``population_descent_many`` against ``simulate_sample`` on
-   n = 100,000 drawn samples (shared by the configurations), same steps and
-   ``eval_every``; one configuration alone beside it; plus how each cost grows
-   with n, d and K.
+3. ``flow_vs_sim``: ``population_descent`` against ``simulate_sample`` on
+   n = 100,000 drawn samples of the same problem, same steps and ``eval_every``;
+   beside it a sweep of 16 configurations (β, lr), each solver in one call
+   (``population_descent_many`` against the simulation on the shared sample); plus
+   how each cost grows with n, d and K.
 4. ``objectives_min_gemm_fraction``: ratio 1 for every registered objective (its
    rows multiply the GEMM columns), the smallest of them.
 
@@ -635,10 +635,11 @@ def flow_section(quick: bool) -> float:
                                        reference=ref, eval_every=steps),
         "flow": lambda: population_descent_many(mix, beta=betas, lr=lrs, steps=steps,
                                                 reference=ref, eval_every=steps)}, rounds)
-    ratio = t_many["sim"].min() / t_many["flow"].min()
+    sweep_ratio = t_many["sim"].min() / t_many["flow"].min()
+    ratio = single
     rows = [
         [f"{p_sweep} configurations, one call each", steps, fmt_t(t_many["sim"].min()),
-         fmt_t(t_many["flow"].min()), f"{ratio:.1f}x",
+         fmt_t(t_many["flow"].min()), f"{sweep_ratio:.1f}x",
          f"{np.median(t_many['sim']) / np.median(t_many['flow']):.1f}x"],
         [f"eval_every={steps} (metrics at 0, {steps})", steps, fmt_t(t_main["sim"].min()),
          fmt_t(t_main["flow"].min()), f"{single:.1f}x",
@@ -701,9 +702,10 @@ def flow_section(quick: bool) -> float:
           "slope = fitted log-log exponent of the column against the varied quantity. The flow "
           "does not take n: its\ncolumns repeat the base case. C = mixture components "
           "(2 per behavior without label noise).")
-    print(f"\nHeadline: flow_vs_sim = {ratio:.1f}x for a sweep of {p_sweep} configurations, "
-          f"each solver in one call\n(eval_every={steps}, best of rounds; target >= "
-          f"{TARGETS['flow_vs_sim']:.0f}x); one configuration alone: {single:.1f}x.")
+    print(f"\nHeadline: flow_vs_sim = {ratio:.1f}x for one configuration at eval_every={steps} "
+          f"(best of rounds; target >= {TARGETS['flow_vs_sim']:.0f}x).\nA sweep of {p_sweep} "
+          f"configurations, each solver in one call (the simulation's GEMMs gain P columns, the "
+          f"flow\nsteps them together: population_descent_many): {sweep_ratio:.1f}x.")
     return ratio
 
 

@@ -37,6 +37,7 @@ for the QMC parts); it does not depend on a sample size.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -239,6 +240,8 @@ class PopulationFlow:
     def drift(self, theta) -> torch.Tensor:
         """``F(θ)``: the population descent direction (minus the gradient times
         the view's gain), same shape as ``θ``."""
+        if self.exact and self.objective.view == "difference":  # the DPO family: no reshaping
+            return torch.from_numpy(self.drift_np(np.asarray(theta, dtype=np.float64)))
         theta = torch.as_tensor(np.asarray(theta, dtype=np.float64))
         if self.objective.view == "all":
             return self._drift_all(theta)
@@ -604,9 +607,17 @@ def population_descent_many(
     flows = {}
 
     def flow_for(b: float) -> PopulationFlow:
+        # the set-up (QMC points, reference policy at them, rule cache) does not depend
+        # on β: one flow is built, the others are copies with their own β
         if b not in flows:
-            flows[b] = PopulationFlow(mixture, beta=b, reference=reference, objective=objective,
-                                      **flow_options)
+            if flows:
+                flow = copy.copy(next(iter(flows.values())))
+                flow.beta = check_number("beta", b, gt=0)
+                flow.scale = flow.beta if flow.objective.uses_beta else 1.0
+                flows[b] = flow
+            else:
+                flows[b] = PopulationFlow(mixture, beta=b, reference=reference,
+                                          objective=objective, **flow_options)
         return flows[b]
 
     first = flow_for(float(betas[0]))

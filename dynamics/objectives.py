@@ -225,6 +225,7 @@ class Objective:
     row_signs: tuple[float, ...] = (1.0,)
     logit_loss: Callable | None = None
     logit_grad: Callable | None = None
+    both: Callable | None = None  # (h, beta, **hyper) -> (ℓ', ℓ'') with shared work
 
     @property
     def rows(self) -> int | None:
@@ -236,7 +237,10 @@ class Objective:
         return GAIN[self.view]
 
     def derivatives(self, h, beta, **hyper):
-        """``(ℓ'(h), ℓ''(h))`` of a smooth margin objective."""
+        """``(ℓ'(h), ℓ''(h))`` of a smooth margin objective (sharing the work where
+        ``both`` says how: the population flow's step evaluates them at every node)."""
+        if self.both is not None:
+            return self.both(h, beta, **hyper)
         return self.grad(h, beta, **hyper), self.hess(h, beta, **hyper)
 
     def defaults(self) -> dict[str, float]:
@@ -286,6 +290,17 @@ def _robust_offset(epsilon):
 def _robust_grad(h, beta, epsilon):
     # [(1−ε)(−βσ(−z)) − ε(βσ(z))]/(1−2ε) = −β(σ(−z) + ε/(1−2ε))
     return -beta * (_sigmoid(-beta * h) + _robust_offset(epsilon))
+
+
+def _logistic_both(offset, scale=True):
+    """``(ℓ', ℓ'')`` of the logistic family from one sigmoid: with ``q = σ(−βh)``,
+    ``ℓ' = −β(q + c)`` and ``ℓ'' = β² q (1 − q)`` (``β = 1`` for a reward head)."""
+    def both(h, beta, **hyper):
+        b = beta if scale else 1.0
+        q = _sigmoid(-b * h)
+        c = offset(**hyper)
+        return -b * (q + c) if c else -b * q, (b * b) * q * (1 - q)
+    return both
 
 
 def _ipo_grad(h, beta):
@@ -356,7 +371,7 @@ OBJECTIVES: dict[str, Objective] = {o.name: o for o in (
     Objective(
         "dpo", "−log σ(βh)", "Rafailov et al. 2023, eq. 7", "policy", "difference", "pairs",
         loss=lambda h, beta: dpo_margin_loss(h, beta=beta), grad=_dpo_grad,
-        hess=_logistic_hess,
+        hess=_logistic_hess, both=_logistic_both(lambda: 0.0),
         inner_scale=lambda beta: -beta, inner_=_sigmoid_shift_(lambda: 0.0),
         outer=lambda beta: -beta,  # ℓ'(h) = −β · σ(−βh)
     ),
@@ -365,6 +380,7 @@ OBJECTIVES: dict[str, Objective] = {o.name: o for o in (
         "policy", "difference", "pairs", hyper={"epsilon": _EPSILON},
         loss=lambda h, beta, epsilon: cdpo_margin_loss(h, beta=beta, epsilon=epsilon),
         grad=_cdpo_grad, hess=lambda h, beta, epsilon: _logistic_hess(h, beta),
+        both=_logistic_both(lambda epsilon: -epsilon),
         inner_scale=lambda beta: -beta, inner_=_sigmoid_shift_(lambda epsilon: -epsilon),
         outer=lambda beta: -beta,
     ),
@@ -374,6 +390,7 @@ OBJECTIVES: dict[str, Objective] = {o.name: o for o in (
         hyper={"epsilon": _EPSILON},
         loss=lambda h, beta, epsilon: robust_dpo_margin_loss(h, beta=beta, epsilon=epsilon),
         grad=_robust_grad, hess=lambda h, beta, epsilon: _logistic_hess(h, beta),
+        both=_logistic_both(_robust_offset),
         inner_scale=lambda beta: -beta, inner_=_sigmoid_shift_(_robust_offset),
         outer=lambda beta: -beta,
     ),
@@ -395,7 +412,7 @@ OBJECTIVES: dict[str, Objective] = {o.name: o for o in (
         "reward_model", "−log σ(r(y_w) − r(y_l)), r = φ_yᵀg",
         "Ouyang et al. 2022 (InstructGPT), eq. 1; Askell et al. 2021 (ranked preference)",
         "reward", "difference", "pairs", uses_beta=False,
-        loss=_bt_loss, grad=_bt_grad, hess=_bt_hess,
+        loss=_bt_loss, grad=_bt_grad, hess=_bt_hess, both=_logistic_both(lambda: 0.0, False),
         inner_scale=lambda beta: -1.0 + 0 * beta, inner_=_sigmoid_shift_(lambda: 0.0),
         outer=lambda beta: -1.0 + 0 * beta,
     ),
@@ -404,7 +421,7 @@ OBJECTIVES: dict[str, Objective] = {o.name: o for o in (
         "Askell et al. 2021 (binary discrimination)", "reward", "rows", "labels",
         uses_beta=False, row_signs=(1.0, -1.0),
         # per row: h_Yes = s φ_Yesᵀg and h_No = −s φ_Noᵀg, each −log σ(h_r)
-        loss=_bt_loss, grad=_bt_grad, hess=_bt_hess,
+        loss=_bt_loss, grad=_bt_grad, hess=_bt_hess, both=_logistic_both(lambda: 0.0, False),
         inner_scale=lambda beta: -1.0 + 0 * beta, inner_=_sigmoid_shift_(lambda: 0.0),
         outer=lambda beta: -1.0 + 0 * beta,
     ),

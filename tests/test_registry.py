@@ -190,6 +190,10 @@ def test_registry_derivatives_match_autograd(name, margins, beta):
     if obj.hess is not None:
         (second,) = torch.autograd.grad(first.sum(), h)
         assert_close(obj.hess(h.detach(), beta, **hp), second, CLOSED_FORM, scale=1 + beta**2)
+        # the flow's shared-work path gives the same pair
+        both = obj.derivatives(h.detach().numpy(), beta, **hp)
+        assert_close(both[0], obj.grad(h.detach(), beta, **hp), CLOSED_FORM, scale=1 + beta)
+        assert_close(both[1], second, CLOSED_FORM, scale=1 + beta**2)
 
 
 @pytest.mark.parametrize("name", MARGIN_NAMES)
