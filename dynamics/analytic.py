@@ -135,6 +135,13 @@ class PopulationFlow:
             "mean_term": -self.objective.gain * (pi * sign)[:, None] * mixture.means,
             "cov_term": -self.objective.gain * pi,  # −G π_c
         }
+        # Diagonal covariances (the builder's isotropic behaviors): Σ_c θ is an
+        # elementwise product, O(C d) instead of O(C d²), with the same numbers (the
+        # matrix product only adds exact zeros)
+        covs = self._np["cov"]
+        diagonal = np.einsum("cii->ci", covs)
+        self._np["diag"] = (diagonal if np.array_equal(covs, diagonal[:, :, None]
+                                                        * np.eye(covs.shape[1])) else None)
 
         # QMC points and the reference policy at each point: log π0(Yes), log π0(No)
         # and log π0(any other token), for the rewards' log-partition shift.
@@ -268,7 +275,7 @@ class PopulationFlow:
         """One margin row's drift for a scale-mixture family, in NumPy, ``(d,)`` →
         ``(d,)``: ``−G Σ_c π_c (s_c μ_c E[ℓ'(h_c)] + E[w ℓ''(h_c)] Σ_c θ)`` (Stein)."""
         a = self._np
-        cov_delta = a["cov"] @ delta  # (C, d): Σ_c θ, once
+        cov_delta = a["cov"] @ delta if a["diag"] is None else a["diag"] * delta  # (C, d): Σ_c θ
         sd = np.sqrt(np.maximum(cov_delta @ delta, 0.0))  # (C,)
         mean = a["s_mu"] @ delta  # (C,): E[h_c]
         if self.objective.moments is not None:  # closed form (a kink: hinge)
@@ -289,7 +296,8 @@ class PopulationFlow:
         these sizes, THEORY §6), on one rule fine enough for the largest spread;
         ``None`` where that spread needs graded rules (then step one at a time)."""
         a, obj = self._np, self.objective
-        cov_delta = (a["cov"] @ deltas.T).transpose(2, 0, 1)  # (P, C, d): Σ_c Δ_p, by BLAS
+        cov_delta = ((a["cov"] @ deltas.T).transpose(2, 0, 1) if a["diag"] is None
+                     else a["diag"][None] * deltas[:, None])  # (P, C, d): Σ_c Δ_p
         sd = np.sqrt(np.maximum((cov_delta * deltas[:, None]).sum(-1), 0.0))  # (P, C)
         mean = deltas @ a["s_mu"].T  # (P, C)
         beta = np.asarray(betas, dtype=np.float64)[:, None]  # (P, 1)

@@ -407,16 +407,18 @@ class _Evaluator:
     def _ordered(self, w: torch.Tensor) -> torch.Tensor:
         return w if self.order is None else w.index_select(-1, self.order)
 
-    def _finish(self, loss, rank_sign, reward_sign, chosen, rejected, clean_sign=None):
+    def _finish(self, loss, rank_sign, reward_sign, chosen, rejected, clean_sign=None, *,
+                margins=None):
         """Metrics from the per-behavior means: an accuracy ``E[1[x>0] + ½·1[x=0]]``
-        is ``(E[sign x] + 1)/2`` (:func:`dynamics.metrics.pair_metrics`'s definitions)."""
+        is ``(E[sign x] + 1)/2`` (:func:`dynamics.metrics.pair_metrics`'s definitions);
+        ``margins`` where the caller has them directly (``βh``: fewer roundings)."""
         return {
             "loss": loss,
             "accuracy": (rank_sign + 1) / 2,
             "reward_accuracy": (reward_sign + 1) / 2,
             "rewards/chosen": chosen,
             "rewards/rejected": rejected,
-            "rewards/margins": chosen - rejected,
+            "rewards/margins": chosen - rejected if margins is None else margins,
             "clean_accuracy": (rank_sign + 1) / 2 if clean_sign is None else (clean_sign + 1) / 2,
         }
 
@@ -446,7 +448,7 @@ class _Evaluator:
         beta = self.beta  # (P, 1) against (S, P, K)
         # rewards β(±h/2 − shift): linear, so from the means of h and of the shift
         return self._finish(loss_m, acc_m, racc_m, beta * (h_m / 2 - shift_m),
-                            beta * (-h_m / 2 - shift_m), *clean_m)
+                            beta * (-h_m / 2 - shift_m), *clean_m, margins=beta * h_m)
 
     def _reward(self, h: torch.Tensor) -> dict[str, torch.Tensor]:
         """A reward head's margins ``h`` ``(S, P, R, n)``: R = 1, ``h = sψᵀg`` with
