@@ -196,10 +196,6 @@ class PopulationFlow:
             self._rules_np[level] = (y, p, p * q)
         return self._rules_np[level]
 
-    def _rule_np(self, max_sd: float) -> tuple[np.ndarray, ...]:
-        """The rule fine enough for the largest margin standard deviation ``max_sd``."""
-        return self._rule_at(self._level(max_sd))
-
     def _graded(self, mean: np.ndarray, sd: np.ndarray) -> tuple[np.ndarray, ...]:
         """Per-component rules ``(y, p, p·q)`` ``(C, J)`` for margins ``h = mean + sd·Y``
         whose logit spread ``scale·sd`` is past :data:`_GRADED_LEVEL`: fine panels
@@ -226,13 +222,6 @@ class PopulationFlow:
         if level not in self._rules:
             self._rules[level] = tuple(torch.as_tensor(a) for a in self._rule_at(level))
         return self._rules[level]
-
-    def _points_h(self, mean: torch.Tensor, var: torch.Tensor):
-        """Quadrature points ``h = mean + √var·y_j`` per component ``(C, J)``, and
-        the rule's weights ``p`` and ``p·q`` ``(J,)``."""
-        sd = var.clamp_min(0).sqrt()
-        y, p, pq = self._rule(sd)
-        return torch.addcmul(mean[:, None], sd[:, None], y), p, pq
 
     # ---------------------------------------------------------------- dynamics
     @property

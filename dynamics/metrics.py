@@ -34,8 +34,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-__all__ = ["METRICS", "BEHAVIOR_METRICS", "tidy_frame", "tie_half", "pair_metrics",
-           "behavior_means"]
+__all__ = ["METRICS", "BEHAVIOR_METRICS", "tidy_frame", "tie_half", "pair_metrics"]
 
 BEHAVIOR_METRICS = ("loss", "accuracy", "reward_accuracy", "rewards/chosen", "rewards/rejected",
                     "rewards/margins", "clean_accuracy")
@@ -106,16 +105,3 @@ def pair_metrics(*, loss, chosen_logps, rejected_logps, chosen_rewards, rejected
         "clean_accuracy": tie_half(ranking if agree is None else agree * ranking),
     }
 
-
-def behavior_means(values: dict, behavior: torch.Tensor, num_behaviors: int) -> dict:
-    """Per-behavior means of per-example values ``(..., n)`` → ``(..., K)``;
-    ``behavior (n,)`` holds indices in ``[0, K)`` (an empty behavior gives NaN)."""
-    counts = torch.bincount(behavior, minlength=num_behaviors)
-    out = {}
-    for name, value in values.items():
-        value = torch.as_tensor(value)
-        sums = torch.zeros(*value.shape[:-1], num_behaviors, dtype=value.dtype,
-                           device=value.device)
-        sums.index_add_(-1, behavior.to(value.device), value)
-        out[name] = sums / counts.to(value.dtype)
-    return out
