@@ -44,14 +44,14 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import torch
-from scipy import integrate, stats
+from scipy import integrate, special, stats
 
 from dynamics.metrics import BEHAVIOR_METRICS, tidy_frame, tie_half
 from dynamics.model import NO, YES
 from dynamics.objectives import resolve_objective
 from synthetic.families import get_family
 from synthetic.mixture import Mixture
-from synthetic.validation import check_integer, check_number
+from synthetic.validation import ParameterError, check_finite_array, check_integer, check_number
 
 __all__ = ["PopulationFlow", "PopulationTrajectory", "population_descent",
            "population_descent_many"]
@@ -102,7 +102,7 @@ class PopulationFlow:
 
     def __init__(self, mixture: Mixture, *, beta: float, reference: np.ndarray,
                  objective="dpo", panel_width: float = 2.0,
-                 qmc_points: int = 8192, qmc_seed: int = 0):
+                 qmc_points: int = 8192, qmc_seed: int = 0, reward_head=None):
         self.mixture = mixture
         self.beta = check_number("beta", beta, gt=0)
         self.objective, self.hyper = resolve_objective(objective)
@@ -119,6 +119,13 @@ class PopulationFlow:
         self.pi_k = self.members.T @ self.pi  # (K,)
         self.w0 = t(reference)
         self.u0 = self.w0[YES] - self.w0[NO]  # (d,)
+        self.head = None if reward_head is None else t(check_finite_array(
+            "reward_head", reward_head, tuple(self.w0.shape)))  # Φ (V, d): r(g, y) = φ_yᵀg
+        if self.head is None and self.objective.data == "prompts":
+            raise ParameterError("reward_head", None,
+                                 f"is required by {self.objective.name!r}: a reward head Φ of "
+                                 f"shape {tuple(self.w0.shape)}")
+        self._context = None
 
         family = "gaussian" if mixture.family == "empirical" else mixture.family
         self.family = get_family(family)
@@ -182,11 +189,12 @@ class PopulationFlow:
         with the reference logits at those points."""
         return self._project_many(v[None])[0]
 
-    def _level(self, max_sd: float) -> int:
+    def _level(self, max_sd: float, scale: float | None = None) -> int:
         """Rule level for the largest margin standard deviation: panels of
         ``2^-level`` in units of ``Y``, the coarsest with ``2^-level·spread ≤
-        panel_width`` (and at most 1)."""
-        spread = self.scale * max_sd
+        panel_width`` (and at most 1); ``scale`` (default the objective's) turns a
+        margin into logits."""
+        spread = (self.scale if scale is None else scale) * max_sd
         return 0 if spread <= self.panel_width else math.ceil(math.log2(spread / self.panel_width))
 
     def _rule_at(self, level: int) -> tuple[np.ndarray, ...]:
@@ -196,25 +204,29 @@ class PopulationFlow:
             self._rules_np[level] = (y, p, p * q)
         return self._rules_np[level]
 
-    def _graded(self, mean: np.ndarray, sd: np.ndarray) -> tuple[np.ndarray, ...]:
+    def _graded(self, mean: np.ndarray, sd: np.ndarray,
+                scale: float | None = None) -> tuple[np.ndarray, ...]:
         """Per-component rules ``(y, p, p·q)`` ``(C, J)`` for margins ``h = mean + sd·Y``
         whose logit spread ``scale·sd`` is past :data:`_GRADED_LEVEL`: fine panels
         (``panel_width`` logits wide) only where ``|scale·h| ≤ _SATURATED``, coarse
         ones elsewhere, so the node count no longer grows with β·sd
         (:meth:`synthetic.Family.graded_rule`)."""
+        scale = self.scale if scale is None else scale
         sd = np.maximum(sd, 1e-300)
-        low = (-_SATURATED / self.scale - mean) / sd
-        high = (_SATURATED / self.scale - mean) / sd
-        y, p, q = self.family.graded_rule(low, high, self.panel_width / (self.scale * sd))
+        low = (-_SATURATED / scale - mean) / sd
+        high = (_SATURATED / scale - mean) / sd
+        y, p, q = self.family.graded_rule(low, high, self.panel_width / (scale * sd))
         return y, p, p * q
 
-    def _rule_for(self, mean: np.ndarray, sd: np.ndarray) -> tuple[np.ndarray, ...]:
+    def _rule_for(self, mean: np.ndarray, sd: np.ndarray,
+                  scale: float | None = None) -> tuple[np.ndarray, ...]:
         """The rule for margins ``h_c = mean_c + sd_c·Y`` ``(C,)``: the shared
         uniform one (``(J,)`` arrays) up to :data:`_GRADED_LEVEL`, a graded one per
         component (``(C, J)``) beyond, where a uniform rule would need
         ``160·2^level`` nodes (hundreds of millions at β = 10⁴)."""
-        level = self._level(float(sd.max()) if sd.size else 0.0)
-        return self._rule_at(level) if level <= _GRADED_LEVEL else self._graded(mean, sd)
+        level = self._level(float(sd.max()) if sd.size else 0.0, scale)
+        return (self._rule_at(level) if level <= _GRADED_LEVEL
+                else self._graded(mean, sd, scale))
 
     def _rule(self, sd: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The same rule as torch tensors, for margin standard deviations ``sd``."""
@@ -239,6 +251,8 @@ class PopulationFlow:
         if self.exact and self.objective.view == "difference":  # the DPO family: no reshaping
             return torch.from_numpy(self.drift_np(np.asarray(theta, dtype=np.float64)))
         theta = torch.as_tensor(np.asarray(theta, dtype=np.float64))
+        if self.objective.data == "prompts" and self.exact_rlhf:
+            return torch.from_numpy(self._drift_rlhf(theta.numpy()))
         if self.objective.view == "all":
             return self._drift_all(theta)
         rows = theta.reshape(-1, self.mu.shape[1])  # (R, d)
@@ -330,10 +344,58 @@ class PopulationFlow:
                                                                            cloud.shape[1])
         return logits, chosen
 
+    @property
+    def exact_rlhf(self) -> bool:
+        """Whether the RL drift is exact (two answers, Gaussian classes): see
+        :meth:`_drift_rlhf`; otherwise it is QMC over the cloud."""
+        return self.w0.shape[0] == 2 and self.family.name == "gaussian"
+
+    def _drift_rlhf(self, theta: np.ndarray) -> np.ndarray:
+        """The exact policy gradient of ``J`` for two answers (THEORY §3.1), ``(2, d)``.
+
+        With ``x = aᵀg`` (``a = u0 + Δ``) the log-odds of Yes, ``p = σ(x)``, ``y = bᵀg``
+        (``b = ψ − βΔ``, ``ψ = φ_Yes − φ_No``) and ``f = p(1−p)``, the gradient on the
+        Yes row is ``E[f(x) y g] = −`` that on the No row. For ``g ~ N(μ, Σ)`` Stein's
+        lemma gives ``μ E[f y] + Σa E[f' y] + Σb E[f]``, and since ``y`` is Gaussian
+        and linear given ``x``, ``E[φ(x) y] = m_y E[φ] + c_xy E[φ']`` (``m_y = bᵀμ``,
+        ``c_xy = aᵀΣb``, Stein once more): every term is a one-dimensional expectation
+        over ``x`` of ``f``, ``f' = f(1−2p)`` or ``f'' = f(1−6p+6p²)``, on the
+        projection rule at logit resolution.
+        """
+        delta = theta[YES] - theta[NO]
+        a = self.u0.numpy() + delta
+        b = (self.head[YES] - self.head[NO]).numpy() - self.beta * delta
+        mu, cov = self.mu.numpy(), self._np["cov"]
+        cov_a, cov_b = cov @ a, cov @ b  # (C, d)
+        mean_x, mean_y = mu @ a, mu @ b  # (C,)
+        sd = np.sqrt(np.maximum((cov_a * a).sum(-1), 0.0))
+        cross = (cov_a * b).sum(-1)  # (C,): c_xy
+        y, p, _ = self._rule_for(mean_x, sd, scale=1.0)
+        x = mean_x[:, None] + sd[:, None] * y
+        prob = special.expit(x)
+        f = prob * (1 - prob)
+        f1 = f * (1 - 2 * prob)
+        f2 = f * (1 - 6 * prob + 6 * prob**2)
+        e0, e1, e2 = (_against(v, p) for v in (f, f1, f2))  # (C,)
+        per_c = (mu * (mean_y * e0 + cross * e1)[:, None] + cov_a * (mean_y * e1 + cross * e2)[
+            :, None] + cov_b * e0[:, None])  # (C, d): E_c[f y g]
+        grad = self.pi.numpy() @ per_c
+        return np.stack([grad, -grad])  # ascent on J = descent on ℓ = −J
+
+    def _cloud_context(self) -> dict:
+        """What an objective on prompts reads at the cloud: reference logits and
+        rewards ``(C, V, M)``, and ``β``."""
+        if self.objective.data != "prompts":
+            return {}
+        if self._context is None:
+            cloud_t = self._cloud().transpose(1, 2)
+            self._context = {"reference": self.w0 @ cloud_t, "rewards": self.head @ cloud_t}
+        return {**self._context, "beta": self.beta}
+
     def _drift_all(self, theta: torch.Tensor) -> torch.Tensor:
         """``−Σ_c π_c E_c[∂ℓ/∂logits gᵀ]`` ``(V, d)`` by QMC over the cloud."""
         logits, chosen = self._cloud_logits(theta)
-        coef = self.objective.logit_grad(logits, chosen)  # (C, V, M)
+        coef = self.objective.logit_grad(logits, chosen, **self._cloud_context())  # (C, V, M)
         cloud = self._cloud()
         per_c = coef @ cloud / cloud.shape[1]  # (C, V, d)
         return -self.objective.gain * torch.einsum("c,cvd->vd", self.pi, per_c)
@@ -366,7 +428,7 @@ class PopulationFlow:
         if not parts:
             return ({name: torch.zeros(0, len(self.pi_k), dtype=torch.float64)
                      for name in BEHAVIOR_METRICS}, torch.zeros(0, dtype=torch.float64))
-        out = {name: torch.cat([part[0][name] for part in parts]) for name in BEHAVIOR_METRICS}
+        out = {name: torch.cat([part[0][name] for part in parts]) for name in parts[0][0]}
         return out, torch.cat([part[1] for part in parts])
 
     def metrics(self, theta) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -389,7 +451,7 @@ class PopulationFlow:
         flipped = torch.as_tensor(self.mixture.true_signs != self.mixture.signs)
         per_c["clean_accuracy"] = torch.where(flipped, 1 - per_c["accuracy"], per_c["accuracy"])
         weights = self.members * self.pi[:, None] / self.pi_k  # (C, K): within-behavior shares
-        return {name: per_c[name] @ weights for name in BEHAVIOR_METRICS}, change
+        return {name: value @ weights for name, value in per_c.items()}, change
 
     def _expected_loss(self, rows: torch.Tensor) -> torch.Tensor:
         """``Σ_r E_c[ℓ(h_r)]`` ``(E, C)`` for signed rows ``θ̃`` ``(E, R, d)``."""
@@ -481,10 +543,18 @@ class PopulationFlow:
         log_pi0 = torch.log_softmax(logits0, dim=1)
         rows = {name: [] for name in BEHAVIOR_METRICS}
         chosen_is_yes = (self.s > 0)[:, None]  # (C, 1)
+        context = self._cloud_context()
         for theta in thetas:
             logits, chosen = self._cloud_logits(theta)
-            rows["loss"].append(self.objective.logit_loss(logits, chosen).mean(-1))
+            rows["loss"].append(self.objective.logit_loss(logits, chosen, **context).mean(-1))
             ratio = torch.log_softmax(logits, dim=1) - log_pi0  # (C, V, M): log π/π0
+            probs = torch.softmax(logits, dim=1)
+            rows.setdefault("objective/kl", []).append((probs * ratio).sum(1).mean(-1))
+            if self.head is not None:
+                scores = (probs * (self.head @ cloud.transpose(1, 2))).sum(1).mean(-1)
+                rows.setdefault("objective/scores", []).append(scores)
+                rows.setdefault("objective/rlhf_reward", []).append(
+                    scores - self.beta * rows["objective/kl"][-1])
             yes, no = ratio[:, YES].mean(-1), ratio[:, NO].mean(-1)
             rows["rewards/chosen"].append(self.beta * torch.where(chosen_is_yes[:, 0], yes, no))
             rows["rewards/rejected"].append(self.beta * torch.where(chosen_is_yes[:, 0], no, yes))
@@ -569,7 +639,7 @@ def population_descent(
         deltas = np.stack(kept)
     deltas = deltas.reshape((len(record),) + shape)
     metrics, weight_change = flow.metrics_many(deltas)
-    per_behavior = {name: metrics[name].numpy() for name in BEHAVIOR_METRICS}
+    per_behavior = {name: value.numpy() for name, value in metrics.items()}
     return PopulationTrajectory(record, deltas, per_behavior, weight_change.numpy(), beta, lr,
                                 mixture.names)
 

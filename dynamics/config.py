@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dynamics.objectives import OBJECTIVES, resolve_objective
+from dynamics.objectives import OBJECTIVES, resolve_objective, show_default
 from synthetic.families import FAMILIES
 from synthetic.problem import Behavior, Problem, behaviors_with_angles, isotropic
 from synthetic.sampling import allocate
@@ -113,7 +113,7 @@ def objective_name(spec) -> str:
 def _objective_doc() -> str:
     parts = []
     for obj in OBJECTIVES.values():
-        keys = ", ".join(f"{k} ({spec.rule()}, default {spec.default:g})"
+        keys = ", ".join(f"{k} ({spec.rule()}, default {show_default(spec.default)})"
                          for k, spec in obj.hyper.items())
         parts.append(f"`{obj.name}` {obj.formula}" + (f" [keys: {keys}]" if keys else ""))
     return ("objective: a name, or an inline table with the objective's own keys, e.g. "
@@ -138,6 +138,9 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "init_seed": Key(0, _int(ge=0), "seed of the random reference W0"),
         "reference": Key(None, _any, "explicit W0 as a V×d nested list (overrides the "
                          "random one)"),
+        "reward_head": Key(None, _any, "a reward head Φ as a V×d nested list, r(g, y) = "
+                           "φ_yᵀg: the start of the reward head (default 0), which an rlhf "
+                           "phase maximises when no reward_model phase trains one first"),
     },
     "train": {
         "objective": Key("dpo", _train_objective, _objective_doc()),
@@ -270,9 +273,11 @@ def parse_config(raw: dict) -> dict:
             raise ParameterError(f"problem.behaviors.{j}.name", name, f"must be unique "
                                  f"(problem.behaviors.{names.index(name)} has it too)")
     model = config["model"]
-    if "reference" in model:
-        check_finite_array("model.reference", model["reference"],
-                           (model["vocab_size"], config["problem"]["dim"]))
+    for key in ("reference", "reward_head"):
+        if key in model:
+            check_finite_array(f"model.{key}", model[key],
+                               (model["vocab_size"], config["problem"]["dim"]))
+    _check_reward_heads(config)
     problem = build_problem(config)  # every numeric check on means and covariances, with paths
     counts = allocate(train["n"], problem.weights)
     if counts.min() < 1:
@@ -281,6 +286,22 @@ def parse_config(raw: dict) -> dict:
                              f"(behavior {empty!r} gets none; n·w = "
                              f"{train['n'] * problem.weights.min():.2g})")
     return config
+
+
+def _check_reward_heads(config: dict) -> None:
+    """An RL phase needs a reward head: ``model.reward_head`` or an earlier phase that
+    trains one."""
+    train = config["train"]
+    have = config["model"].get("reward_head") is not None
+    specs = ([(f"train.phases.{i}.objective", p["objective"]) for i, p in
+              enumerate(train["phases"])] if "phases" in train
+             else [("train.objective", train["objective"])])
+    for path, spec in specs:
+        obj, _ = resolve_objective(spec, path=path)
+        have = have or obj.block == "reward"
+        if obj.data == "prompts" and not have:
+            raise ParameterError(path, obj.name, "needs a reward head: a reward_model (or "
+                                 "binary) phase before it, or model.reward_head")
 
 
 def _phases(phases, given: dict, behaviors: list) -> list[dict]:

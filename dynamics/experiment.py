@@ -180,7 +180,8 @@ def run_experiment(config: dict, *, progress: bool = True) -> pd.DataFrame:
             flow = dict(panel_width=theory["panel_width"], qmc_points=theory["qmc_points"],
                         continuous=theory["continuous"])
             recorded, trajectories = run_theory(mixture, phases, beta=beta, reference=w0,
-                                                eval_every=every, progress=bar.update, **flow)
+                                                eval_every=every, progress=bar.update,
+                                                reward_head=model.get("reward_head"), **flow)
             if theory["bounds"]:
                 for frame, trajectory in zip(recorded, _recorded(trajectories, phases)):
                     values = np.full((len(trajectory.steps), len(problem.names),
@@ -199,7 +200,8 @@ def run_experiment(config: dict, *, progress: bool = True) -> pd.DataFrame:
                             device=resolve_device(train["device"]))
         recorded, results = run_simulation(data, phases, seeds=seeds, beta=beta, reference=w0,
                                            eval_every=every, batch_size=train.get("batch_size"),
-                                           progress=lambda k: bar.update(1))
+                                           progress=lambda k: bar.update(1),
+                                           reward_head=model.get("reward_head"))
         if theory["bounds"]:
             full_batch = train.get("batch_size", train["n"]) == train["n"]
             for frame, result in zip(recorded, _recorded(results, phases)):

@@ -34,11 +34,19 @@ import numpy as np
 import pandas as pd
 import torch
 
-__all__ = ["METRICS", "BEHAVIOR_METRICS", "tidy_frame", "tie_half", "pair_metrics"]
+__all__ = ["METRICS", "BEHAVIOR_METRICS", "RL_METRICS", "RUN_STATISTICS", "tidy_frame",
+           "tie_half", "pair_metrics"]
 
 BEHAVIOR_METRICS = ("loss", "accuracy", "reward_accuracy", "rewards/chosen", "rewards/rejected",
                     "rewards/margins", "clean_accuracy")
-METRICS = BEHAVIOR_METRICS[:3] + ("weight_change",) + BEHAVIOR_METRICS[3:]
+RL_METRICS = ("objective/kl", "objective/scores", "objective/rlhf_reward")
+"""Per behavior where the solver has them (NaN elsewhere): the policy's ``KL(π ‖ π0)``
+(every objective that trains all rows), and with a reward head ``E_π[r]`` and
+``E_π[r] − β KL``: TRL's PPO names, taken exactly over the answers."""
+RUN_STATISTICS = ("policy/clipfrac", "policy/approxkl", "loss/value")
+"""Per run, of a sampled estimator's update (NaN elsewhere): TRL's PPO statistics."""
+METRICS = (BEHAVIOR_METRICS[:3] + ("weight_change",) + BEHAVIOR_METRICS[3:] + RL_METRICS
+           + RUN_STATISTICS)
 
 
 def tidy_frame(
@@ -51,12 +59,15 @@ def tidy_frame(
     names: tuple[str, ...],
     per_behavior: dict[str, np.ndarray],
     weight_change: np.ndarray,
+    per_run: dict[str, np.ndarray] | None = None,
 ) -> pd.DataFrame:
     """One row per seed × run × step × behavior.
 
     steps (E,) · lr, beta (P,) · seeds: S entries (``None`` for theory)
-    per_behavior[metric] (E, S, P, K) · weight_change (E, S, P).
+    per_behavior[metric] (E, S, P, K) · weight_change and per_run[statistic] (E, S, P).
+    A metric a solver does not report is NaN.
     """
+    per_run = per_run or {}
     e, s, p, k = per_behavior["loss"].shape
     grid = np.meshgrid(np.arange(e), np.arange(s), np.arange(p), np.arange(k), indexing="ij")
     ei, si, pi, ki = (g.ravel() for g in grid)
@@ -72,8 +83,14 @@ def tidy_frame(
         "behavior": pd.Categorical(np.asarray(names, dtype=object)[ki], categories=list(names)),
     })
     for name in METRICS:
-        values = weight_change[ei, si, pi] if name == "weight_change" else (
-            per_behavior[name][ei, si, pi, ki])
+        if name == "weight_change":
+            values = weight_change[ei, si, pi]
+        elif name in per_run:
+            values = per_run[name][ei, si, pi]
+        elif name in per_behavior:
+            values = per_behavior[name][ei, si, pi, ki]
+        else:
+            values = np.full(len(ei), np.nan)
         frame[name] = np.asarray(values, dtype=np.float64)
     return frame
 

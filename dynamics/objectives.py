@@ -20,8 +20,9 @@ policy ``W = W0 + D`` (``π(y|g) = softmax(W g)_y``) and a reward head ``Φ``
   ==============  ===============================  =================================
 
 * ``data``: what it consumes: ``pairs`` (chosen and rejected answer), ``labels``
-  (each answer alone with a good/bad label) or ``demonstrations`` (the chosen
-  answer only);
+  (each answer alone with a good/bad label), ``demonstrations`` (the chosen
+  answer only) or ``prompts`` (the policy answers; a frozen reward head scores
+  it: RL);
 * its own hyperparameters (:class:`Hyper`: default, rule, doc), beside the shared
   ``beta`` when ``uses_beta``;
 * the per-sample loss and its derivatives: for the margin views ``ℓ(h)``, ``ℓ'(h)``
@@ -45,12 +46,14 @@ import torch
 import torch.nn.functional as F
 from scipy import special
 
-from synthetic.validation import ParameterError, check_choice, check_number, did_you_mean
+from synthetic.validation import (ParameterError, check_choice, check_integer, check_number,
+                                  did_you_mean)
 
 __all__ = ["Hyper", "Objective", "OBJECTIVES", "get_objective", "resolve_objective",
            "dpo_loss", "dpo_margin_loss", "cdpo_margin_loss", "robust_dpo_margin_loss",
            "ipo_margin_loss", "hinge_margin_loss", "reward_model_loss", "binary_loss",
-           "sft_loss", "VIEWS", "GAIN", "objectives_reference"]
+           "sft_loss", "rlhf_loss", "kl_to_reference", "reinforce_loss", "ppo_clip_loss",
+           "VIEWS", "GAIN", "objectives_reference"]
 
 VIEWS = ("difference", "rows", "all")
 GAIN = {"difference": 2.0, "rows": 1.0, "all": 1.0}
@@ -145,6 +148,42 @@ def sft_loss(logits: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
     return -logp.gather(-2, index).squeeze(-2)
 
 
+def rlhf_loss(logits: torch.Tensor, chosen=None, *, reference: torch.Tensor,
+              rewards: torch.Tensor, beta) -> torch.Tensor:
+    """Minus the KL-regularised return of each prompt (InstructGPT's RL objective
+    for one-token answers, summed over the answers exactly):
+
+    ``ℓ = −(Σ_y π(y) r(y) − β KL(π ‖ π0)) = −Σ_y π(y) [r(y) − β log(π(y)/π0(y))]``.
+
+    logits, reference (the reference policy's logits) and rewards (``r(g, y) =
+    φ_yᵀg``) are ``(..., V, n)``; ``beta`` broadcasts; ``chosen`` (a preference
+    label) is not read: RL scores the policy's own answers. → ``(..., n)``.
+    """
+    logp = torch.log_softmax(logits, dim=-2)
+    gain = rewards - beta * (logp - torch.log_softmax(reference, dim=-2))
+    return -(logp.exp() * gain).sum(-2)
+
+
+def kl_to_reference(logits: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """``KL(π ‖ π0) = Σ_y π(y) log(π(y)/π0(y))`` per prompt: ``(..., V, n)`` → ``(..., n)``."""
+    logp = torch.log_softmax(logits, dim=-2)
+    return (logp.exp() * (logp - torch.log_softmax(reference, dim=-2))).sum(-2)
+
+
+def reinforce_loss(logp: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
+    """REINFORCE (Williams 1992) per sampled answer: ``−A · log π(y)``, with the
+    advantage ``A`` held constant (no gradient), unreduced."""
+    return -advantages * logp
+
+
+def ppo_clip_loss(logp: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tensor,
+                  clip: float) -> torch.Tensor:
+    """PPO's clipped surrogate (Schulman et al. 2017, eq. 7) per sampled answer, to
+    minimise: ``max(−A ρ, −A clip(ρ, 1−ε, 1+ε))``, ``ρ = π(y)/π_old(y)``, unreduced."""
+    ratio = torch.exp(logp - logp_old)
+    return torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1 - clip, 1 + clip))
+
+
 # ============================================================================ helpers
 
 
@@ -177,18 +216,32 @@ def _step_below(x, at):
 
 @dataclass(frozen=True)
 class Hyper:
-    """An objective's own hyperparameter: default, rule (bounds as data), doc."""
+    """An objective's own hyperparameter: default, rule (bounds or choices as data), doc.
 
-    default: float
+    ``integer``: a whole number; ``choices``: one of these strings; ``only``: the
+    key applies only when another hyperparameter has one of the given values (e.g.
+    ``{"estimator": ("ppo",)}``), and giving it otherwise is an error."""
+
+    default: float | str
     doc: str
     bounds: Mapping[str, float] = field(default_factory=dict)  # gt / ge / lt / le
+    choices: tuple[str, ...] | None = None
+    integer: bool = False
+    only: Mapping[str, tuple[str, ...]] | None = None
 
-    def check(self, name: str, value) -> float:
+    def check(self, name: str, value):
+        if self.choices is not None:
+            return check_choice(name, value, self.choices)
+        if self.integer:
+            return check_integer(name, value, **self.bounds)
         return check_number(name, value, **self.bounds)
 
     def rule(self) -> str:
+        if self.choices is not None:
+            return "one of " + " / ".join(self.choices)
         words = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
-        return " and ".join(f"{words[k]} {v}" for k, v in self.bounds.items())
+        kind = "integer " if self.integer else ""
+        return kind + " and ".join(f"{words[k]} {v}" for k, v in self.bounds.items())
 
 
 @dataclass(frozen=True)
@@ -203,7 +256,9 @@ class Objective:
     step in two elementwise passes.
 
     ``all`` view: ``logit_loss(logits, chosen)`` and ``logit_grad(logits,
-    chosen)`` of the ``(…, V, n)`` logits.
+    chosen)`` of the ``(…, V, n)`` logits; an objective on ``prompts`` also takes
+    the keywords ``reference`` (the reference logits), ``rewards`` (the reward
+    head's ``r(g, y)``) and ``beta``, all broadcasting against the logits.
     """
 
     name: str
@@ -243,8 +298,9 @@ class Objective:
             return self.both(h, beta, **hyper)
         return self.grad(h, beta, **hyper), self.hess(h, beta, **hyper)
 
-    def defaults(self) -> dict[str, float]:
-        return {k: spec.default for k, spec in self.hyper.items()}
+    def defaults(self) -> dict[str, float | str]:
+        """The default hyperparameters (those that apply with the defaults)."""
+        return self.check_hyper({})
 
     def check_hyper(self, hyper: Mapping | None, *, path: str = "objective") -> dict[str, float]:
         """Hyperparameters with defaults filled in, each checked by its rule; an
@@ -260,6 +316,18 @@ class Objective:
             out[key] = self.hyper[key].check(f"{path}.{key}", value)
         for key, spec in self.hyper.items():
             out.setdefault(key, spec.default)
+        # a key that does not apply (``only``) is an error when given, and is left out
+        # when defaulted: the resolved table names exactly what the run uses
+        for key in list(out):
+            for other, values in (self.hyper[key].only or {}).items():
+                if out.get(other) in values:
+                    continue
+                if key in hyper:
+                    raise ParameterError(f"{path}.{key}", hyper[key],
+                                         f"applies only with {other} = "
+                                         f"{' or '.join(map(repr, values))} "
+                                         f"(here {other} = {out.get(other)!r})")
+                out.pop(key)
         return out
 
 
@@ -356,6 +424,15 @@ def _sft_grad(logits: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
     return probs.scatter_add(-2, index, torch.full_like(probs[..., :1, :], -1.0))
 
 
+def _rlhf_grad(logits, chosen=None, *, reference, rewards, beta):
+    """``∂ℓ/∂logits = −π ⊙ (A − Σ_y π(y) A(y))`` with ``A = r − β log(π/π0)``
+    (the entropy's and the return's policy gradient; THEORY §3.1 for two answers)."""
+    logp = torch.log_softmax(logits, dim=-2)
+    p = logp.exp()
+    gain = rewards - beta * (logp - torch.log_softmax(reference, dim=-2))
+    return -p * (gain - (p * gain).sum(-2, keepdim=True))
+
+
 def _sigmoid_shift_(shift):
     """In place ``x ↦ σ(x) + shift`` (the DPO family's logit form)."""
     def inner(x, **hyper):
@@ -366,6 +443,28 @@ def _sigmoid_shift_(shift):
 
 
 _EPSILON = Hyper(0.0, "ε: probability that an observed preference is flipped", {"ge": 0, "lt": 0.5})
+
+_SAMPLED = {"estimator": ("reinforce", "ppo")}
+_PPO = {"estimator": ("ppo",)}
+_RLHF_HYPER = {
+    "estimator": Hyper("exact", "the policy gradient: summed over the answers (exact), or "
+                       "from sampled answers (reinforce, ppo)",
+                       choices=("exact", "reinforce", "ppo")),
+    "baseline": Hyper("mean", "subtracted from the sampled return: none, the rollout's mean, "
+                      "or a linear value head trained alongside", choices=("none", "mean", "value"),
+                      only=_SAMPLED),
+    "kl_in": Hyper("reward", "where β·KL enters a sampled estimator: as the penalty "
+                   "−β log(π/π0) of the sampled answer in its return (TRL's k1), or as the "
+                   "exact per-prompt KL in the loss", choices=("reward", "loss"), only=_SAMPLED),
+    "rollout_size": Hyper(0, "prompts per rollout, drawn anew from the sample every step "
+                          "(0: every prompt)", {"ge": 0}, integer=True, only=_SAMPLED),
+    "clip": Hyper(0.2, "ε of the clipped ratio", {"gt": 0}, only=_PPO),
+    "ppo_epochs": Hyper(4, "passes over each rollout", {"ge": 1}, integer=True, only=_PPO),
+    "num_minibatches": Hyper(1, "minibatches per pass (each one update)", {"ge": 1},
+                             integer=True, only=_PPO),
+    "vf_coef": Hyper(0.1, "the value head's step size as a multiple of lr", {"ge": 0},
+                     only={"baseline": ("value",)}),
+}
 
 OBJECTIVES: dict[str, Objective] = {o.name: o for o in (
     Objective(
@@ -426,6 +525,12 @@ OBJECTIVES: dict[str, Objective] = {o.name: o for o in (
         outer=lambda beta: -1.0 + 0 * beta,
     ),
     Objective(
+        "rlhf", "−(Σ_y π(y) r(y) − β KL(π ‖ π0)), r = φ_yᵀg a frozen reward head",
+        "Ouyang et al. 2022 (InstructGPT); Stiennon et al. 2020; Schulman et al. 2017 (PPO)",
+        "policy", "all", "prompts", hyper=_RLHF_HYPER,
+        logit_loss=rlhf_loss, logit_grad=_rlhf_grad,
+    ),
+    Objective(
         "sft", "−log π(y_w) = −log softmax(W g)_{y_w}",
         "Askell et al. 2021 (imitation); Ouyang et al. 2022 (SFT)", "policy", "all",
         "demonstrations", uses_beta=False, logit_loss=sft_loss, logit_grad=_sft_grad,
@@ -455,6 +560,10 @@ def resolve_objective(spec, *, path: str = "objective") -> tuple[Objective, dict
     return obj, obj.check_hyper({k: v for k, v in spec.items() if k != "name"}, path=path)
 
 
+def show_default(value) -> str:
+    return f"{value:g}" if isinstance(value, (int, float)) else f'"{value}"'
+
+
 def objectives_reference() -> str:
     """The registry as a Markdown table (the README's, kept current by a test)."""
     lines = ["| name | per-example loss | trains | reads | data | keys | source |",
@@ -462,7 +571,7 @@ def objectives_reference() -> str:
     reads = {"difference": "Yes − No difference", "rows": "Yes and No rows",
              "all": "every row"}
     for obj in OBJECTIVES.values():
-        keys = ", ".join(f"`{k}` ({spec.rule()}, default {spec.default:g})"
+        keys = ", ".join(f"`{k}` ({spec.rule()}, default {show_default(spec.default)})"
                          for k, spec in obj.hyper.items())
         uses = "" if obj.uses_beta else " (no β)"
         block = "policy W" if obj.block == "policy" else "reward head Φ"

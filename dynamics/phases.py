@@ -39,6 +39,7 @@ from dynamics.objectives import resolve_objective
 from dynamics.simulate import simulate_sample
 from synthetic.mixture import Mixture
 from synthetic.sampling import PreferenceSample
+from synthetic.validation import ParameterError
 
 __all__ = ["Phase", "run_theory", "run_simulation", "flipped_mixture", "restrict_mixture"]
 
@@ -133,13 +134,28 @@ class _Recorder:
             self.time += phase.lr * phase.steps
 
 
+def _initial_head(reward_head, shape) -> np.ndarray:
+    return np.zeros(shape) if reward_head is None else np.array(reward_head, dtype=np.float64)
+
+
+def _head_for(obj, head, index: int):
+    """The frozen reward head an RL phase maximises (None for other objectives)."""
+    if obj.data != "prompts":
+        return None
+    if not bool((head != 0).any()):
+        raise ParameterError(f"phases.{index}.objective", obj.name,
+                             "needs a reward head: a reward_model (or binary) phase before "
+                             "it, or model.reward_head")
+    return head
+
+
 def run_theory(mixture: Mixture, phases: Sequence[Phase], *, beta: float, reference: np.ndarray,
                eval_every: int, progress: Callable[[int], None] | None = None,
-               **flow) -> tuple[list[pd.DataFrame], list]:
+               reward_head=None, **flow) -> tuple[list[pd.DataFrame], list]:
     """The population through every phase: the recorded frames and, per phase,
-    its trajectory (for bounds)."""
+    its trajectory (for bounds). ``reward_head``: ``Φ`` at the start (default 0)."""
     vocab, dim = reference.shape
-    state = {"policy": np.zeros((vocab, dim)), "reward": np.zeros((vocab, dim))}
+    state = {"policy": np.zeros((vocab, dim)), "reward": _initial_head(reward_head, (vocab, dim))}
     recorder, trajectories = _Recorder([]), []
     for index, phase in enumerate(phases):
         obj, _ = resolve_objective(phase.objective)
@@ -151,7 +167,8 @@ def run_theory(mixture: Mixture, phases: Sequence[Phase], *, beta: float, refere
             target, beta=beta, lr=phase.lr, steps=phase.steps, reference=ref,
             objective=phase.objective, delta0=theta0,
             eval_every=eval_every if phase.record else phase.steps,
-            train_mixture=restrict_mixture(target, phase.behaviors), **flow)
+            train_mixture=restrict_mixture(target, phase.behaviors),
+            reward_head=_head_for(obj, state["reward"], index), **flow)
         if base is not None and np.any(base):
             _correct_theory(trajectory, PopulationFlow(target, beta=beta, reference=reference,
                                                        objective=phase.objective, **_qmc(flow)),
@@ -169,15 +186,17 @@ def run_theory(mixture: Mixture, phases: Sequence[Phase], *, beta: float, refere
 
 def run_simulation(data: PreferenceSample, phases: Sequence[Phase], *, seeds, beta: float,
                    reference: np.ndarray, eval_every: int, batch_size: int | None = None,
-                   progress: Callable[[int], None] | None = None
+                   progress: Callable[[int], None] | None = None, reward_head=None,
                    ) -> tuple[list[pd.DataFrame], list]:
     """Every seed through every phase: the recorded frames and, per phase, its
-    :class:`~dynamics.simulate.SimulationResult`."""
+    :class:`~dynamics.simulate.SimulationResult`. ``reward_head``: ``Φ`` at the
+    start (default 0), the same for every seed."""
     num_seeds, _, dim = data.features.shape
     vocab = reference.shape[0]
     dtype, device = data.features.dtype, data.features.device
     zeros = torch.zeros(num_seeds, 1, vocab, dim, dtype=torch.float64, device=device)
-    state = {"policy": zeros, "reward": zeros.clone()}
+    head = torch.as_tensor(_initial_head(reward_head, (vocab, dim)), device=device)
+    state = {"policy": zeros, "reward": zeros + head}
     w0 = torch.as_tensor(reference, dtype=torch.float64, device=device)
     recorder, results = _Recorder([]), []
     for index, phase in enumerate(phases):
@@ -192,7 +211,8 @@ def run_simulation(data: PreferenceSample, phases: Sequence[Phase], *, seeds, be
             reference=ref.to(dtype), objective=phase.objective,
             delta0=theta0.to(dtype), batch_size=batch_size,
             eval_every=eval_every if phase.record else phase.steps,
-            train_behaviors=phase.behaviors, progress=progress)
+            train_behaviors=phase.behaviors, progress=progress,
+            reward_head=_head_for(obj, state["reward"][:, 0], index))
         if base is not None and bool(torch.any(base != 0)):
             _correct_simulation(result, sample, w0, base, beta)
         if obj.block == "reward":

@@ -21,13 +21,13 @@ Letters: ``S`` seeds, ``P`` configurations, ``n`` samples, ``d`` dimension,
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 import torch
 
-from dynamics.metrics import BEHAVIOR_METRICS, tidy_frame
+from dynamics.metrics import tidy_frame
 from dynamics.model import NO, YES
 from dynamics.objectives import resolve_objective
 from synthetic.problem import Problem
@@ -42,7 +42,9 @@ class SimulationResult:
     """Metrics of every run at the recorded steps.
 
     steps (E,) · per_behavior[metric] (E, S, P, K) · weight_change (E, S, P)
-    final ``Δ`` (S, P, d); deltas (E, S, P, d) if kept.
+    final ``Δ`` (S, P, d); deltas (E, S, P, d) if kept; per_run[statistic] (E, S, P):
+    a sampled estimator's statistics of the update that led to each recorded step
+    (``policy/clipfrac``, ``policy/approxkl``, ``loss/value``; NaN at step 0).
     """
 
     steps: np.ndarray
@@ -54,11 +56,13 @@ class SimulationResult:
     weight_change: np.ndarray
     final: torch.Tensor
     deltas: torch.Tensor | None = None
+    per_run: dict[str, np.ndarray] = field(default_factory=dict)
 
     def frame(self) -> pd.DataFrame:
         return tidy_frame(source="simulation", steps=self.steps, lr=self.lr, beta=self.beta,
                           seeds=list(self.seeds), names=self.names,
-                          per_behavior=self.per_behavior, weight_change=self.weight_change)
+                          per_behavior=self.per_behavior, weight_change=self.weight_change,
+                          per_run=self.per_run)
 
 
 def _as_configs(beta, lr) -> tuple[np.ndarray, np.ndarray]:
@@ -114,8 +118,14 @@ def simulate_sample(
     keep_deltas: bool = False,
     progress: Callable[[int], None] | None = None,
     train_behaviors: Sequence[int] | None = None,
+    reward_head: np.ndarray | torch.Tensor | None = None,
 ) -> SimulationResult:
     """Train on a batched sample (``data.features`` of shape ``(S, n, d)``).
+
+    ``reward_head`` (``Φ``, ``(V, d)`` or one per seed ``(S, V, d)``; ``r(g, y) =
+    φ_yᵀg``) is the frozen reward an objective on ``prompts`` (``rlhf``) maximises;
+    with it, a policy trained on every row also reports ``objective/scores`` and
+    ``objective/rlhf_reward``.
 
     ``train_behaviors`` (indices into ``data.names``; default all) restricts the
     training set to those behaviors' statements; metrics are still reported for
@@ -173,17 +183,35 @@ def simulate_sample(
         if batch_size is not None and batch_size > len(keep):
             raise ParameterError("batch_size", batch_size,
                                  f"must be <= the {len(keep)} statements trained on")
-    engine = _SoftmaxEngine if obj.view == "all" else _MarginEngine
-    run = engine(data, train, obj, hyper, beta_np, lr_np, w0, theta, batch_size, seeds)
+    head = _reward_head(reward_head, obj, num_seeds, w0.shape[1], dim, dtype, device)
+    sampled = obj.data == "prompts" and hyper["estimator"] != "exact"
+    if sampled and batch_size is not None:
+        raise ParameterError("batch_size", batch_size,
+                             f"applies to the exact estimator; estimator "
+                             f"{hyper['estimator']!r} draws rollout_size prompts a step")
+    if sampled and hyper["rollout_size"] > len(train.behavior):
+        raise ParameterError("objective.rollout_size", hyper["rollout_size"],
+                             f"must be <= the {len(train.behavior)} prompts trained on")
+    if obj.view == "all":
+        if sampled:
+            from dynamics.rollouts import RolloutEngine as engine
+        else:
+            engine = _SoftmaxEngine
+        run = engine(data, train, obj, hyper, beta_np, lr_np, w0, theta, batch_size, seeds,
+                     head)
+    else:
+        run = _MarginEngine(data, train, obj, hyper, beta_np, lr_np, w0, theta, batch_size,
+                            seeds)
     record = np.unique(np.r_[np.arange(0, steps + 1, eval_every), steps])
     wanted = set(record.tolist())
-    store = {name: [] for name in BEHAVIOR_METRICS}
-    norms, kept = [], []
+    store: dict[str, list] = {}
+    norms, kept, stats = [], [], []
     for k in range(steps + 1):
         if k in wanted:
             for name, value in run.evaluate().items():
-                store[name].append(value)  # (S, P, K)
+                store.setdefault(name, []).append(value)  # (S, P, K)
             norms.append(run.weight_change())
+            stats.append(getattr(run, "stats", {}))
             if keep_deltas:
                 kept.append(run.theta())
         if k == steps:
@@ -194,14 +222,37 @@ def simulate_sample(
 
     per_behavior = {name: torch.stack(v).cpu().double().numpy()
                     for name, v in store.items()}  # (E, S, P, K)
+    per_run = {name: np.stack([st.get(name, np.full(norms[0].shape, np.nan)) for st in stats])
+               for name in sorted({key for st in stats for key in st})}  # (E, S, P)
     final = run.theta()
     if obj.view == "difference":  # (S, P, d) as the DPO family has always returned it
         final, kept = final[:, :, 0], [t[:, :, 0] for t in kept]
     return SimulationResult(
         steps=record, seeds=list(seeds), beta=beta_np, lr=lr_np, names=tuple(data.names),
         per_behavior=per_behavior, weight_change=torch.stack(norms).cpu().double().numpy(),
-        final=final, deltas=torch.stack(kept) if keep_deltas else None,
+        final=final, deltas=torch.stack(kept) if keep_deltas else None, per_run=per_run,
     )
+
+
+def _reward_head(head, obj, num_seeds, vocab, dim, dtype, device) -> torch.Tensor | None:
+    """The frozen reward head as ``(S or 1, V, d)``; required by an objective on prompts."""
+    if head is None:
+        if obj.data == "prompts":
+            raise ParameterError("reward_head", None,
+                                 f"is required by {obj.name!r}: a reward head Φ of shape "
+                                 f"({vocab}, {dim}) (from a reward_model phase or "
+                                 "model.reward_head)")
+        return None
+    head = torch.as_tensor(np.asarray(head) if not isinstance(head, torch.Tensor) else head,
+                           dtype=dtype, device=device)
+    if head.dim() == 2:
+        head = head[None]
+    if head.dim() != 3 or head.shape[0] not in (1, num_seeds) or head.shape[1:] != (vocab, dim):
+        raise ParameterError("reward_head", tuple(head.shape),
+                             f"must have shape ({vocab}, {dim}) or ({num_seeds}, {vocab}, {dim})")
+    if not bool(torch.isfinite(head).all()):
+        raise ParameterError("reward_head", "non-finite entries", "must be finite")
+    return head
 
 
 class _MarginEngine:
@@ -297,27 +348,44 @@ class _SoftmaxEngine:
         W ← W − lr · mean_j[ ∂ℓ/∂logits_j g_jᵀ ],   logits_j = W g_j,
 
     carried as ``W = W0 + D`` of shape ``(S, P·V, d)`` (runs × rows as matrix rows).
+    An objective on prompts (RL) also reads, per prompt, the reference logits
+    ``W0 g`` and the frozen rewards ``Φ g`` (:attr:`context`).
     """
 
-    def __init__(self, data, train, obj, hyper, beta, lr, w0, theta, batch_size, seeds):
+    def __init__(self, data, train, obj, hyper, beta, lr, w0, theta, batch_size, seeds,
+                 head=None):
         x, s = data.features, data.signs
         num_seeds, _, dim = x.shape
         n = train.features.shape[1]
         dtype, device = x.dtype, x.device
-        self.obj, self.shape = obj, theta.shape  # (S, P, V, d)
+        self.obj, self.hyper, self.shape = obj, hyper, theta.shape  # (S, P, V, d)
         self.w0 = w0[:, None]  # (S or 1, 1, V, d)
+        self.head = head  # (S or 1, V, d) or None
         vocab = w0.shape[1]
         self.x_t = x.transpose(1, 2)
         self.eval_chosen = torch.where(s > 0, YES, NO)[:, None, None, :]  # (S, 1, 1, n): y_w
         self.x = train.features
         self.chosen = torch.where(train.signs > 0, YES, NO)[:, None, None, :]
         lr_t = torch.as_tensor(lr, dtype=dtype, device=device)
+        self.lr = lr_t
+        self.beta = torch.as_tensor(beta, dtype=dtype, device=device).view(1, -1, 1, 1)
         self.scale = (-lr_t / (batch_size or n)).repeat_interleave(vocab)[:, None]  # (P·V, 1)
         self.weights = (theta + self.w0).reshape(num_seeds, -1, dim)  # (S, P·V, d)
         self.evaluator = _Evaluator(data, x * s[..., None], w0, obj, {},
                                     torch.as_tensor(beta, dtype=dtype, device=device)[:, None],
-                                    vocab)
+                                    vocab, head)
         self.batches = _BatchStream(seeds, n, batch_size, device) if batch_size else None
+        self.full_context = self.context(self.x.transpose(1, 2))
+
+    def context(self, x_t: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What an RL objective reads besides the logits, for prompts ``x_t``
+        ``(S, d, B)``: reference logits and rewards ``(S, 1, V, B)``, ``β`` ``(1, P, 1, 1)``."""
+        if self.obj.data != "prompts":
+            return {}
+        w0 = self.w0[:, 0].expand(x_t.shape[0], -1, -1)
+        head = self.head.expand(x_t.shape[0], -1, -1)
+        return {"reference": torch.bmm(w0, x_t)[:, None], "rewards": torch.bmm(head, x_t)[:, None],
+                "beta": self.beta}
 
     def theta(self) -> torch.Tensor:
         """``D = W − W0`` ``(S, P, V, d)``."""
@@ -335,13 +403,15 @@ class _SoftmaxEngine:
 
     def step(self) -> None:
         if self.batches is None:
-            xb, chosen = self.x, self.chosen
+            xb, chosen, context = self.x, self.chosen, self.full_context
         else:
             idx = self.batches.next()  # (S, B)
             rows = torch.arange(self.x.shape[0], device=idx.device)[:, None]
             xb = self.x[rows, idx]
             chosen = self.chosen[:, 0, 0][rows, idx][:, None, None]
-        coef = self.obj.logit_grad(self._logits(xb.transpose(1, 2)), chosen)  # (S, P, V, B)
+            context = self.context(xb.transpose(1, 2))
+        coef = self.obj.logit_grad(self._logits(xb.transpose(1, 2)), chosen,
+                                   **context)  # (S, P, V, B)
         self.weights.baddbmm_(coef.flatten(1, 2).mul_(self.scale), xb)
 
 
@@ -367,7 +437,7 @@ class _Evaluator:
       logits.
     """
 
-    def __init__(self, data, xs, w0, obj, hyper, beta, rows):
+    def __init__(self, data, xs, w0, obj, hyper, beta, rows, head=None):
         x, s, behavior = data.features, data.signs, data.behavior
         num_seeds, n, _ = x.shape
         num_configs = beta.shape[0]
@@ -378,6 +448,9 @@ class _Evaluator:
         self.order = None if bool((order == torch.arange(n, device=x.device)).all()) else order
         if self.order is not None:
             x, s, xs, agree = x[:, order], s[:, order], xs[:, order], agree[:, order]
+        # the frozen reward head's r(g, y) (S, 1, V, n), where RL metrics are asked for
+        self.rewards = (None if head is None
+                        else (x @ head.transpose(1, 2)).transpose(1, 2)[:, None])
         counts = torch.bincount(behavior, minlength=len(data.names))
         self.counts = counts.tolist()
         self.inverse_counts = 1 / counts.to(x.dtype)  # (K,): an empty behavior gives NaN means
@@ -403,6 +476,11 @@ class _Evaluator:
         rows = self.buffer if self.agree is not None else self.buffer[:5]
         sums = [block.sum(-1) for block in rows.split(self.counts, -1)]
         return torch.stack(sums, -1) * self.inverse_counts  # (5 or 6, S, P, K)
+
+    def _behavior_mean(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-behavior means ``(S, P, K)`` of a per-sample row ``(S, P, n)``."""
+        return torch.stack([block.sum(-1) for block in x.split(self.counts, -1)],
+                           -1) * self.inverse_counts
 
     def _ordered(self, w: torch.Tensor) -> torch.Tensor:
         return w if self.order is None else w.index_select(-1, self.order)
@@ -478,7 +556,9 @@ class _Evaluator:
             chosen = chosen.index_select(-1, self.order)
         loss, acc, racc, chosen_r, rejected_r = self.buffer[:5]
         logits = self.logits0 + change
-        loss.copy_(self.obj.logit_loss(logits, chosen))
+        context = ({"reference": self.logits0, "rewards": self.rewards,
+                    "beta": self.beta.view(-1, 1, 1)} if self.obj.data == "prompts" else {})
+        loss.copy_(self.obj.logit_loss(logits, chosen, **context))
         shift = torch.logsumexp(logits, dim=-2, keepdim=True) - self.log_z0  # (S, P, 1, n)
         logp = change - shift  # log π/π0 (S, P, V, n)
         s = self.s
@@ -490,7 +570,16 @@ class _Evaluator:
         torch.mul(torch.where(positive, logp[:, :, YES], logp[:, :, NO]), self.beta, out=chosen_r)
         torch.mul(torch.where(positive, logp[:, :, NO], logp[:, :, YES]), self.beta,
                   out=rejected_r)
-        return self._finish(*self._means())
+        out = self._finish(*self._means())
+        # TRL's PPO statistics, exact over the answers: KL(π ‖ π0), E_π[r], their combination
+        probs = torch.softmax(logits, dim=-2)
+        kl = self._behavior_mean((probs * logp).sum(-2))
+        out["objective/kl"] = kl
+        if self.rewards is not None:
+            scores = self._behavior_mean((probs * self.rewards).sum(-2))
+            out["objective/scores"] = scores
+            out["objective/rlhf_reward"] = scores - self.beta * kl
+        return out
 
 
 class _BatchStream:

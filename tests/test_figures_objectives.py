@@ -44,7 +44,9 @@ def test_the_priority_sweep_covers_every_registered_objective(stored):
     names = {c["train"]["objective"] if isinstance(c["train"]["objective"], str)
              else c["train"]["objective"]["name"]
              for c in stored["objectives_priority"].configs().values()}
-    assert names == set(OBJECTIVES)
+    # every objective trained on preference data; RL maximises a reward head and has
+    # its own figures (tests/test_rlhf.py)
+    assert names == {name for name, obj in OBJECTIVES.items() if obj.data != "prompts"}
 
 
 def test_priority_table_against_naive_slopes(stored):

@@ -225,9 +225,14 @@ def test_config_reference_lists_every_objective_and_its_keys():
         assert f"`train.phases[].{key}`" in reference
 
 
+HEAD = "[[0.5, -0.2, 0.1], [-0.5, 0.2, -0.1], [0.0, 0.3, 0.0]]"
+"""A reward head for BASE (V = 3, d = 3), for the objectives that maximise one."""
+
+
 def test_every_objective_runs_end_to_end(tmp_path):
     for name in OBJECTIVES:
-        cfg = config(overrides=[f"train.objective={name}", "train.steps=3"])
+        head = [f"model.reward_head={HEAD}"] if OBJECTIVES[name].data == "prompts" else []
+        cfg = config(overrides=[f"train.objective={name}", "train.steps=3", *head])
         frame = run_experiment(cfg, progress=False)
         assert np.isfinite(frame["loss"]).all() and set(frame["objective"]) == {name}
         resolved = tomllib.loads(dump_config(cfg))

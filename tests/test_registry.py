@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 from conftest import CLOSED_FORM, FINITE_DIFFERENCE, QMC, assert_close, mc_tolerance
 from dynamics import population_descent, reference_weights, simulate, simulate_sample
 from dynamics.analytic import PopulationFlow
+from dynamics.metrics import RL_METRICS
 from dynamics.model import NO, YES
 from dynamics.objectives import OBJECTIVES
 from dynamics.phases import read_view
@@ -39,6 +40,17 @@ HYPER = {"cdpo": {"epsilon": 0.2}, "robust_dpo": {"epsilon": 0.15}}
 
 def spec(name: str):
     return {"name": name, **HYPER.get(name, {})}
+
+
+def head_for(vocab: int, dim: int) -> np.ndarray:
+    """The frozen reward head ``Φ`` an RL objective maximises in these tests."""
+    return np.random.default_rng(11).normal(size=(vocab, dim))
+
+
+def extra(name: str, vocab: int, dim: int) -> dict:
+    """Keyword arguments an objective needs besides the data: a reward head for RL."""
+    return ({"reward_head": head_for(vocab, dim)} if OBJECTIVES[name].data == "prompts"
+            else {})
 
 
 def hyper(name: str) -> dict:
@@ -87,7 +99,16 @@ NAIVE = {
     "binary": lambda phi, w0, g, s, beta: (-_logsig(_rewards(phi, g, s)[0])
                                            - _logsig(-_rewards(phi, g, s)[1])),
     "sft": lambda w, w0, g, s, beta: -_policy_terms(w, w0, g, s, beta)[0],
+    "rlhf": lambda w, w0, g, s, beta: -_rl_return(w, w0, g, beta),
 }
+
+
+def _rl_return(w, w0, g, beta):
+    """``Σ_y π(y) r(y) − β KL(π ‖ π0)`` per prompt, the head :func:`head_for`'s."""
+    pi, logp, logp0 = torch.softmax(g @ w.T, -1), torch.log_softmax(g @ w.T, -1), (
+        torch.log_softmax(g @ w0.T, -1))
+    r = g @ torch.as_tensor(head_for(*w.shape)).T
+    return (pi * r).sum(-1) - beta * (pi * (logp - logp0)).sum(-1)
 
 
 def naive_metrics(name, trained, w0, g, s, beta, behavior, k, true):
@@ -109,6 +130,13 @@ def naive_metrics(name, trained, w0, g, s, beta, behavior, k, true):
         "rewards/margins": chosen - rejected,
         "clean_accuracy": half((c - r) * s * true),  # the ranking against the true label
     }
+    if obj.view == "all":  # TRL's PPO statistics, over the answers
+        logp, logp0 = torch.log_softmax(g @ policy.T, -1), torch.log_softmax(g @ w0.T, -1)
+        rows["objective/kl"] = (logp.exp() * (logp - logp0)).sum(-1)
+        if obj.data == "prompts":
+            rows["objective/scores"] = (logp.exp() * (g @ torch.as_tensor(
+                head_for(*policy.shape)).T)).sum(-1)
+            rows["objective/rlhf_reward"] = _rl_return(policy, w0, g, beta)
     return {m: np.array([v[behavior == i].mean().item() for i in range(k)])
             for m, v in rows.items()}
 
@@ -140,7 +168,7 @@ def test_simulation_equals_naive_autograd_on_the_full_matrix(name, batch_size):
     g, s, behavior = data.features[0], data.signs[0], data.behavior
     sim = simulate_sample(data, seeds=[seed], beta=beta, lr=lr, steps=steps,
                           reference=w0.numpy(), objective=spec(name), batch_size=batch_size,
-                          keep_deltas=True)
+                          keep_deltas=True, **extra(name, 4, 3))
     param = (w0.clone() if obj.block == "policy" else torch.zeros_like(w0)).requires_grad_()
     perms = None
     gen = torch.Generator().manual_seed(seed)
@@ -148,6 +176,7 @@ def test_simulation_equals_naive_autograd_on_the_full_matrix(name, batch_size):
         got = {m: sim.per_behavior[m][k, 0, 0] for m in sim.per_behavior}
         want = naive_metrics(name, param.detach(), w0, g, s, beta, behavior, 2,
                              data.true_signs[0])
+        assert set(got) == set(want), (name, sorted(set(got) ^ set(want)))
         for m in want:
             assert_close(got[m], want[m], CLOSED_FORM, err_msg=f"{name} {m} step {k}")
         start = param.detach() - (w0 if obj.block == "policy" else 0)
@@ -222,9 +251,14 @@ def test_logit_gradient_matches_autograd(name):
     gen = torch.Generator().manual_seed(5)
     logits = torch.randn(3, 5, 11, generator=gen, dtype=torch.float64, requires_grad=True)
     chosen = torch.randint(0, 5, (11,), generator=gen)
-    (auto,) = torch.autograd.grad(obj.logit_loss(logits, chosen).sum(), logits)
-    assert_close(obj.logit_grad(logits.detach(), chosen), auto, CLOSED_FORM)
-    assert torch.autograd.gradcheck(lambda x: obj.logit_loss(x, chosen), (logits,))
+    context = {}
+    if obj.data == "prompts":  # reference logits, rewards, and one β per leading row
+        context = {"reference": torch.randn(1, 5, 11, generator=gen, dtype=torch.float64),
+                   "rewards": torch.randn(3, 5, 11, generator=gen, dtype=torch.float64),
+                   "beta": torch.tensor([0.3, 1.0, 2.0], dtype=torch.float64)[:, None, None]}
+    (auto,) = torch.autograd.grad(obj.logit_loss(logits, chosen, **context).sum(), logits)
+    assert_close(obj.logit_grad(logits.detach(), chosen, **context), auto, CLOSED_FORM)
+    assert torch.autograd.gradcheck(lambda x: obj.logit_loss(x, chosen, **context), (logits,))
 
 
 # ============================================================================ first step
@@ -235,6 +269,13 @@ def first_drift(name, mixture, vocab):
     the all-row view with ``W0 = 0`` (uniform policy) ``−Σ_c π_c (𝟙/V − e_{y_w}) μ_cᵀ``."""
     obj = OBJECTIVES[name]
     m = mixture.signed_mean()
+    if obj.data == "prompts":
+        # RL at the uniform policy (π = π0 = 𝟙/V): ∂J/∂logits = (r − r̄𝟙)/V with r = Φg,
+        # so F(0) = (1/V)(I − 𝟙𝟙ᵀ/V) Φ E[ggᵀ], E[ggᵀ] = Σ_c π_c (Σ_c + μ_c μ_cᵀ)
+        second = sum(pi * (cov + np.outer(mu, mu))
+                     for pi, mu, cov in zip(mixture.weights, mixture.means, mixture.covs))
+        centre = np.eye(vocab) - 1 / vocab
+        return centre @ head_for(vocab, mixture.dim) @ second / vocab
     if obj.view == "all":
         out = np.zeros((vocab, mixture.dim))
         for pi, s, mu in zip(mixture.weights, mixture.signs, mixture.means):
@@ -254,7 +295,11 @@ def test_first_step_and_initial_slope(name, family):
     problem = small_problem().replace(family=family)
     mixture = population_mixture(problem)
     w0 = np.zeros((3, 3)) if obj.view == "all" else reference_weights(3, vocab_size=3, seed=2)
-    flow = PopulationFlow(mixture, beta=0.7, reference=w0, objective=spec(name))
+    # RL's integrand at 0 is quadratic in g (reward times g): under Laplace tails QMC
+    # needs more points than for the other objectives' bounded ones to reach 1e-4
+    points = 2**15 if obj.data == "prompts" else 8192
+    flow = PopulationFlow(mixture, beta=0.7, reference=w0, objective=spec(name),
+                          qmc_points=points, **extra(name, 3, 3))
     drift = flow.drift(np.zeros(flow.shape)).numpy()
     # the all-row view's expectations are QMC over the cloud (its mean is μ to ~1e-4)
     tol = QMC if obj.view == "all" or family == "uniform" else CLOSED_FORM
@@ -269,7 +314,7 @@ def test_first_step_and_initial_slope(name, family):
     # a sample's first step is the same formula with its own means, exactly
     data = sample_batch(problem, 64, [7], dtype=torch.float64)
     sim = simulate_sample(data, seeds=[7], beta=0.7, lr=0.3, steps=1, reference=w0,
-                          objective=spec(name), keep_deltas=True)
+                          objective=spec(name), keep_deltas=True, **extra(name, 3, 3))
     from synthetic.mixture import empirical_mixture
 
     empirical = empirical_mixture(data.features[0], data.signs[0], data.behavior, data.names)
@@ -284,10 +329,10 @@ AGREE = dict(beta=1.0, lr=0.15, steps=40, eval_every=20)
 
 def errors(problem, name, n, theory, w0):
     sim = simulate(problem, n=n, seeds=AGREE_SEEDS, reference=w0, objective=spec(name),
-                   dtype=torch.float64, **AGREE)
+                   dtype=torch.float64, **AGREE, **extra(name, *w0.shape))
     out = {m: sim.per_behavior[m][:, :, 0] - theory.per_behavior[m][:, None]
            for m in ("loss", "accuracy", "reward_accuracy", "rewards/margins",
-                     "clean_accuracy")}
+                     "clean_accuracy") + tuple(k for k in RL_METRICS if k in sim.per_behavior)}
     if OBJECTIVES[name].block == "policy":
         out["weight_change"] = (sim.weight_change[:, :, 0] - theory.weight_change[:, None])[
             ..., None]
@@ -302,7 +347,7 @@ def test_flow_agrees_with_simulation(name, family):
     problem = small_problem().replace(family=family, label_noise=0.1)
     w0 = reference_weights(3, vocab_size=3, seed=0)
     theory = population_descent(population_mixture(problem), reference=w0,
-                                objective=spec(name), **AGREE)
+                                objective=spec(name), **AGREE, **extra(name, *w0.shape))
     # QMC where the flow uses it: the all-row view, and any family that is no scale mixture
     rule = QMC if OBJECTIVES[name].view == "all" or family == "uniform" else 0.0
     small = errors(problem, name, AGREE_N, theory, w0)

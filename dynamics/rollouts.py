@@ -1,0 +1,179 @@
+"""Sampled policy-gradient estimators of the RL objective: REINFORCE and PPO.
+
+The ``rlhf`` objective (:mod:`dynamics.objectives`) maximises, per prompt ``g``,
+
+    J = Σ_y π(y|g) r(g, y) − β KL(π(·|g) ‖ π0(·|g)),     r(g, y) = φ_yᵀg (frozen),
+
+whose exact gradient (``estimator = "exact"``) the softmax engine takes over every
+answer. The estimators here see only answers *sampled* from the policy, as an
+LLM's RL does. Each step (one row of the metrics) is one rollout:
+
+1. ``rollout_size`` prompts are drawn from the seed's sample without replacement
+   (all of them when 0), and one answer ``y ~ π_old(·|g)`` per prompt and run;
+2. the return ``R = r(g, y) − β log(π_old(y)/π0(y))`` (``kl_in = "reward"``: TRL's
+   per-token k1 penalty) or ``R = r(g, y)`` (``kl_in = "loss"``: the exact per-prompt
+   KL is added to the loss, its gradient ``β π ⊙ (log π/π0 − KL)`` taken over the
+   answers); the advantage ``A = R − b`` with ``b`` none, the rollout's mean, or a
+   linear value head ``v_ᵀg`` (trained alongside on ``½(vᵀg − R)²`` with step
+   ``vf_coef·lr``, from zero in every phase);
+3. REINFORCE: one update on ``−A log π(y)``; PPO: ``ppo_epochs`` passes, each over
+   ``num_minibatches`` minibatches of the rollout (a fresh permutation per pass and
+   seed; one minibatch keeps the rollout's order), one update per minibatch on the
+   clipped surrogate ``max(−Aρ, −A clip(ρ, 1±ε))``, ``ρ = π(y)/π_old(y)``.
+
+REINFORCE is unbiased for ``∇J`` when an answer's baseline does not depend on
+that answer (``baseline = "none"`` or ``"value"``): its mean update is the exact
+one (``tests/test_rlhf.py`` checks it at the Monte Carlo rate). The rollout mean
+includes each answer's own return, which scales the expected update by exactly
+``1 − 1/B``. With one pass of one minibatch ``ρ = 1`` at the
+update, no answer is clipped, and PPO's update is REINFORCE's bit for bit.
+
+Gradient with respect to the logits, per sampled answer: ``∇_z log π(y) = e_y − π``,
+so REINFORCE's is ``−A (e_y − π)`` and PPO's ``−A ρ (e_y − π) · 1[unclipped term
+active]``; as elsewhere the update on ``W`` is the batch mean of those times ``gᵀ``.
+
+Statistics per step (``SimulationResult.per_run``, TRL's names): ``policy/clipfrac``
+(share of sampled answers whose clipped term is the active one), ``policy/approxkl``
+(``½ mean (log ρ)²``) and ``loss/value`` (``½ mean (vᵀg − R)²``), each averaged over
+the step's updates. Randomness: one :class:`torch.Generator` per seed, seeded by the
+seed, draws the prompts, the answers of every configuration, and the permutations.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dynamics.simulate import _SoftmaxEngine
+
+__all__ = ["RolloutEngine"]
+
+
+class RolloutEngine(_SoftmaxEngine):
+    """REINFORCE and PPO on every row of the policy, every run at once (see the module
+    docstring); evaluation is the softmax engine's (exact over the answers)."""
+
+    def __init__(self, data, train, obj, hyper, beta, lr, w0, theta, batch_size, seeds, head):
+        super().__init__(data, train, obj, hyper, beta, lr, w0, theta, None, seeds, head)
+        self.n = self.x.shape[1]
+        self.size = hyper["rollout_size"] or self.n
+        self.gens = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
+        num_seeds, num_configs, self.vocab, dim = self.shape
+        self.value = torch.zeros(num_seeds, num_configs, dim, dtype=self.x.dtype,
+                                 device=self.x.device)  # the value head v, per run
+        self.lr_rows = self.lr.view(1, -1, 1, 1)  # (1, P, 1, 1)
+        self.stats: dict = {}
+
+    # ------------------------------------------------------------------ randomness
+    def _prompts(self) -> torch.Tensor | None:
+        """Each seed's rollout prompts ``(S, B)``, or None: every prompt, in order."""
+        if self.size == self.n:
+            return None
+        return torch.stack([torch.randperm(self.n, generator=g)[:self.size]
+                            for g in self.gens]).to(self.x.device)
+
+    def _answers(self, probs: torch.Tensor) -> torch.Tensor:
+        """``y ~ probs`` ``(S, P, V, B)`` by the inverse CDF: ``(S, P, B)`` indices."""
+        num_seeds, num_configs, _, size = probs.shape
+        u = torch.stack([torch.rand(num_configs, size, generator=g, dtype=probs.dtype)
+                         for g in self.gens]).to(probs.device)  # (S, P, B)
+        below = (probs.cumsum(-2) < u[:, :, None]).sum(-2)
+        return below.clamp_max(self.vocab - 1)
+
+    def _permutation(self, size: int) -> torch.Tensor:
+        return torch.stack([torch.randperm(size, generator=g) for g in self.gens]).to(
+            self.x.device)
+
+    # ------------------------------------------------------------------ one rollout
+    def step(self) -> None:
+        hyper = self.hyper
+        idx = self._prompts()
+        if idx is None:
+            xb, context = self.x, self.full_context
+        else:
+            rows = torch.arange(self.x.shape[0], device=idx.device)[:, None]
+            xb = self.x[rows, idx]  # (S, B, d)
+            context = self.context(xb.transpose(1, 2))
+        xb_t = xb.transpose(1, 2)
+        logp_all = torch.log_softmax(self._logits(xb_t), dim=-2)  # (S, P, V, B): π_old
+        answers = self._answers(logp_all.exp())[:, :, None]  # (S, P, 1, B)
+        pick = lambda t: t.expand(*answers.shape[:2], -1, -1).gather(  # noqa: E731
+            -2, answers).squeeze(-2)
+        logp_old = logp_all.gather(-2, answers).squeeze(-2)  # (S, P, B)
+        beta = context["beta"][..., 0]  # (1, P, 1)
+        returns = pick(context["rewards"])
+        if hyper["kl_in"] == "reward":
+            log_ref = torch.log_softmax(context["reference"], dim=-2)
+            returns = returns - beta * (logp_old - pick(log_ref))
+        values = torch.bmm(self.value, xb_t)  # (S, P, B): v_ᵀg before this step's updates
+        if hyper["baseline"] == "none":
+            advantages = returns
+        elif hyper["baseline"] == "mean":
+            advantages = returns - returns.mean(-1, keepdim=True)
+        else:
+            advantages = returns - values
+
+        ppo = hyper["estimator"] == "ppo"
+        epochs = hyper["ppo_epochs"] if ppo else 1
+        parts = hyper["num_minibatches"] if ppo else 1
+        size = xb.shape[1]
+        tally = {"policy/clipfrac": 0.0, "policy/approxkl": 0.0, "loss/value": 0.0}
+        for _ in range(epochs):
+            order = None if parts == 1 else self._permutation(size)
+            for part in range(parts):
+                if order is None:
+                    sel = None
+                    x_m, ctx = xb, context
+                    a_m, r_m, y_m, old_m = advantages, returns, answers, logp_old
+                else:
+                    sel = order[:, part * size // parts:(part + 1) * size // parts]  # (S, Bm)
+                    rows = torch.arange(xb.shape[0], device=sel.device)[:, None]
+                    x_m = xb[rows, sel]
+                    ctx = {k: (v if k == "beta" else v.expand(xb.shape[0], -1, -1, -1).gather(
+                        -1, sel[:, None, None].expand(-1, v.shape[1], v.shape[2], -1)))
+                        for k, v in context.items()}
+                    take = lambda t: t.gather(-1, sel[:, None].expand(  # noqa: E731
+                        -1, t.shape[1], -1))
+                    a_m, r_m, old_m = take(advantages), take(returns), take(logp_old)
+                    y_m = take(answers[:, :, 0])[:, :, None]
+                stats = self._update(x_m, ctx, a_m, r_m, y_m, old_m, ppo)
+                for key, value in stats.items():
+                    tally[key] += value / (epochs * parts)
+        self.stats = {key: value.cpu().double().numpy() for key, value in tally.items()
+                      if key != "policy/clipfrac" or ppo}
+
+    def _update(self, x_m, context, advantages, returns, answers, logp_old, ppo):
+        """One gradient step of the policy (and of the value head) on a minibatch."""
+        x_t = x_m.transpose(1, 2)
+        logp = torch.log_softmax(self._logits(x_t), dim=-2)  # (S, P, V, Bm)
+        probs = logp.exp()
+        onehot = torch.zeros_like(probs).scatter_(-2, answers, 1.0)
+        logp_y = logp.gather(-2, answers).squeeze(-2)  # (S, P, Bm)
+        log_ratio = logp_y - logp_old
+        stats = {"policy/approxkl": 0.5 * (log_ratio**2).mean(-1)}
+        if ppo:
+            clip = self.hyper["clip"]
+            ratio = torch.exp(log_ratio)
+            clipped = -advantages * ratio.clamp(1 - clip, 1 + clip) > -advantages * ratio
+            weight = torch.where(clipped, torch.zeros_like(ratio), -advantages * ratio)
+            stats["policy/clipfrac"] = clipped.to(ratio.dtype).mean(-1)
+        else:
+            weight = -advantages  # d(−A log π(y))/d log π(y)
+        coef = weight[:, :, None] * (onehot - probs)  # ∂loss/∂logits (S, P, V, Bm)
+        if self.hyper["kl_in"] == "loss":
+            ratio_all = logp - torch.log_softmax(context["reference"], dim=-2)
+            kl = (probs * ratio_all).sum(-2, keepdim=True)
+            coef = coef + context["beta"] * probs * (ratio_all - kl)
+        size = x_m.shape[1]
+        self.weights.baddbmm_(coef.flatten(1, 2) * (self.scale_rows / size), x_m)
+        # the value head: ½ mean (vᵀg − R)², one step of vf_coef·lr
+        error = torch.bmm(self.value, x_t) - returns  # (S, P, Bm)
+        stats["loss/value"] = 0.5 * (error**2).mean(-1)
+        if self.hyper["baseline"] == "value":
+            step = self.hyper["vf_coef"] * self.lr_rows[..., 0] / size
+            self.value.sub_(torch.bmm(error, x_m) * step)
+        return stats
+
+    @property
+    def scale_rows(self) -> torch.Tensor:
+        """``−lr`` per matrix row ``(P·V, 1)``."""
+        return -self.lr.repeat_interleave(self.vocab)[:, None]
