@@ -245,10 +245,11 @@ def _reward_head(head, obj, num_seeds, vocab, dim, dtype, device) -> torch.Tenso
         return None
     head = torch.as_tensor(np.asarray(head) if not isinstance(head, torch.Tensor) else head,
                            dtype=dtype, device=device)
+    given = tuple(head.shape)
     if head.dim() == 2:
         head = head[None]
     if head.dim() != 3 or head.shape[0] not in (1, num_seeds) or head.shape[1:] != (vocab, dim):
-        raise ParameterError("reward_head", tuple(head.shape),
+        raise ParameterError("reward_head", given,
                              f"must have shape ({vocab}, {dim}) or ({num_seeds}, {vocab}, {dim})")
     if not bool(torch.isfinite(head).all()):
         raise ParameterError("reward_head", "non-finite entries", "must be finite")

@@ -1,0 +1,329 @@
+"""RLHF in the last-layer model: the closed forms and limits of THEORY §3.1, each
+against a reference computed independently of the code under test.
+
+* the exact two-answer drift against QMC over the full law and against a Monte
+  Carlo estimate with its error bar; it vanishes at ``π* ∝ π0 e^{r/β}``
+  (``D* = Φ/β``) for any vocabulary, and population ascent reaches the closed-form
+  value ``E[β log Σ_y π0(y) e^{r(y)/β}]`` (one-dimensional quadrature);
+* DPO and RLHF share their optimum: with the Bradley–Terry head the population RL
+  flow ends where population DPO does, by another path;
+* PPO with one pass of one minibatch is REINFORCE bit for bit; REINFORCE's mean
+  update is the exact gradient (``1 − 1/B`` of it with the rollout-mean baseline)
+  at the Monte Carlo rate; PPO equals a naive autograd loop on its clipped
+  surrogate, random draws and all;
+* bad input: one line naming the key, the value and the rule.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy import integrate, stats
+
+from conftest import CLOSED_FORM, EXACT_CONSTRUCTION, QMC, QUADRATURE, assert_close, mc_tolerance
+from dynamics import population_descent, reference_weights, simulate_sample
+from dynamics.analytic import PopulationFlow
+from dynamics.model import NO, YES
+from dynamics.objectives import ppo_clip_loss, reinforce_loss
+from synthetic import Behavior, ParameterError, Problem, population_mixture, sample_batch
+from synthetic.sampling import PreferenceSample
+
+DIM = 3
+HEAD2 = np.array([[0.8, -0.3, 0.4], [-0.2, 0.5, -0.1]])  # Φ for V = 2: ψ = (1.0, −0.8, 0.5)
+
+
+def problem(family: str = "gaussian") -> Problem:
+    return Problem((
+        Behavior("a", [0.9, 0.2, 0.0], [-0.5, 0.1, 0.3], 0.6 * np.eye(DIM), 0.4 * np.eye(DIM),
+                 pos_fraction=0.4),
+        Behavior("b", [0.0, 0.4, 0.7], [0.1, -0.6, -0.2], np.diag([0.5, 0.3, 0.8]),
+                 np.diag([0.5, 0.3, 0.8]), weight=0.5),
+    ), family=family)
+
+
+def rl(**hyper) -> dict:
+    return {"name": "rlhf", **hyper}
+
+
+def flow(beta=0.7, vocab=2, family="gaussian", **options) -> PopulationFlow:
+    head = HEAD2 if vocab == 2 else np.random.default_rng(3).normal(size=(vocab, DIM))
+    return PopulationFlow(population_mixture(problem(family)), beta=beta,
+                          reference=reference_weights(DIM, vocab_size=vocab, seed=1),
+                          objective="rlhf", reward_head=head, **options)
+
+
+def rows(difference: np.ndarray) -> np.ndarray:
+    """A policy change ``D`` with rows ``±Δ/2`` on Yes/No (two answers)."""
+    return np.stack([difference / 2, -difference / 2])
+
+
+# ============================================================================ the exact flow
+
+
+def test_exact_drift_equals_qmc_over_the_full_law():
+    exact = flow(qmc_points=2**16)
+    assert exact.exact_rlhf
+    for theta in (np.zeros((2, DIM)), rows(np.array([0.6, -0.4, 0.2])),
+                  rows(np.array([-2.0, 3.0, 1.0]))):
+        assert_close(exact.drift(theta).numpy(), exact._drift_all(torch.as_tensor(theta)).numpy(),
+                     QMC)
+
+
+def test_exact_drift_equals_a_monte_carlo_gradient():
+    """``E[∇_W J]`` by autograd on 200,000 draws, within 5 standard errors."""
+    f = flow()
+    theta = rows(np.array([0.6, -0.4, 0.2]))
+    data = sample_batch(problem(), 200_000, [5], dtype=torch.float64)
+    g = data.features[0]
+    w0 = torch.as_tensor(reference_weights(DIM, vocab_size=2, seed=1))
+    w = (w0 + torch.as_tensor(theta)).requires_grad_()
+    logp, logp0 = torch.log_softmax(g @ w.T, -1), torch.log_softmax(g @ w0.T, -1)
+    per = (logp.exp() * (g @ torch.as_tensor(HEAD2).T - 0.7 * (logp - logp0))).sum(-1)
+    # per-sample gradient of J on row Yes: (∂J/∂x) g with x the Yes − No log-odds
+    (dx,) = torch.autograd.grad(per.sum(), w)  # (2, d): the sum of per-sample gradients
+    p = torch.sigmoid(g @ (w[YES] - w[NO]).detach())
+    y = g @ torch.as_tensor(HEAD2[YES] - HEAD2[NO] - 0.7 * (theta[YES] - theta[NO]))
+    samples = (p * (1 - p) * y)[:, None] * g  # E of this is the Yes row's gradient
+    assert_close(dx[YES] / len(g), samples.mean(0), CLOSED_FORM)  # the per-sample formula
+    # the sample allocates statements by the mixture weights exactly (n = 200,000)
+    mean, sd = samples.mean(0).numpy(), samples.std(0).numpy()
+    assert_close(f.drift(theta).numpy()[YES], mean, 1.0,
+                 scale=mc_tolerance(sd, len(g)))
+
+
+@pytest.mark.parametrize("vocab,family", [(2, "gaussian"), (3, "gaussian"), (4, "laplace"),
+                                          (3, "uniform")])
+def test_gradient_vanishes_at_the_closed_form_optimum(vocab, family):
+    """``π* ∝ π0 e^{r/β}``: ``D* = Φ/β`` (plus any multiple of 𝟙 per column), where
+    every prompt's advantage ``r − β log π/π0`` is the same for every answer."""
+    f = flow(beta=0.7, vocab=vocab, family=family)
+    optimum = f.head.numpy() / 0.7 + np.ones((vocab, 1)) * np.array([0.3, -1.0, 0.2])
+    assert np.abs(f.drift(optimum).numpy()).max() < EXACT_CONSTRUCTION
+    assert np.abs(f.drift(optimum * 0.9).numpy()).max() > 1e-3  # not trivially zero
+    # the sample's exact estimator does not move from there either
+    data = sample_batch(problem(family), 200, [1], dtype=torch.float64)
+    sim = simulate_sample(data, seeds=[1], beta=0.7, lr=0.5, steps=3,
+                          reference=f.w0.numpy(), objective=rl(), reward_head=f.head.numpy(),
+                          delta0=optimum, keep_deltas=True)
+    assert_close(sim.deltas[-1, 0, 0].numpy(), optimum, CLOSED_FORM)
+
+
+def closed_form_value(mixture, w0, head, beta) -> np.ndarray:
+    """``E[β log Σ_y π0(y) e^{r(y)/β}]`` per component, two answers: with ``x0 = u0ᵀg``
+    and ``ψ = φ_Yes − φ_No`` it is ``φ_Noᵀμ + β E[softplus(x0 + ψᵀg/β) − softplus(x0)]``,
+    two one-dimensional Gaussian integrals (scipy's adaptive quadrature)."""
+    u0, psi = w0[YES] - w0[NO], head[YES] - head[NO]
+    out = []
+    for mu, cov in zip(mixture.means, mixture.covs):
+        def expect(v):
+            m, s = v @ mu, np.sqrt(v @ cov @ v)
+            return integrate.quad(lambda z: np.logaddexp(0, m + s * z) * stats.norm.pdf(z),
+                                  -12, 12, epsabs=1e-13, epsrel=1e-13, limit=200)[0]
+        out.append(head[NO] @ mu + beta * (expect(u0 + psi / beta) - expect(u0)))
+    return np.array(out)
+
+
+def test_population_ascent_reaches_the_closed_form_value():
+    beta = 0.7
+    mixture = population_mixture(problem())
+    w0 = reference_weights(DIM, vocab_size=2, seed=1)
+    path = population_descent(mixture, beta=beta, lr=2.0, steps=1500, reference=w0,
+                              objective=rl(), reward_head=HEAD2, eval_every=1500,
+                              qmc_points=2**15)
+    final = path.deltas[-1]
+    assert_close(final[YES] - final[NO], (HEAD2[YES] - HEAD2[NO]) / beta, 1e-7)
+    per_c = closed_form_value(mixture, w0, HEAD2, beta)
+    members = np.eye(2)[mixture.behavior]  # (C, K)
+    want = (mixture.weights * per_c) @ members / (mixture.weights @ members)
+    assert_close(path.per_behavior["objective/rlhf_reward"][-1], want, QMC * 3)
+    # and the start is below it: the policy improves on the reference
+    assert np.all(path.per_behavior["objective/rlhf_reward"][0] < want - 0.05)
+
+
+def test_dpo_and_rlhf_share_their_optimum():
+    """Population DPO at β ends at ``Δ* = ψ*/β`` with ``ψ*`` the Bradley–Terry head's
+    optimum, and the RL flow maximising that head ends there too, by another path."""
+    beta, lr = 0.8, 1.5
+    mixture = population_mixture(problem())
+    w0 = reference_weights(DIM, vocab_size=2, seed=1)
+    bt = population_descent(mixture, beta=1.0, lr=lr, steps=3000, reference=w0,
+                            objective="reward_model", eval_every=3000)
+    psi = bt.deltas[-1]
+    grad_bt = PopulationFlow(mixture, beta=1.0, reference=w0, objective="reward_model").drift(psi)
+    assert np.abs(grad_bt.numpy()).max() < 1e-12  # converged
+    dpo = population_descent(mixture, beta=beta, lr=lr / beta**2, steps=3000, reference=w0,
+                             eval_every=5)
+    assert_close(beta * dpo.deltas[-1], psi, QUADRATURE)
+    rlhf = population_descent(mixture, beta=beta, lr=lr, steps=3000, reference=w0,
+                              objective=rl(), reward_head=rows(psi), eval_every=5)
+    ends = rlhf.deltas[:, YES] - rlhf.deltas[:, NO]
+    assert_close(ends[-1], dpo.deltas[-1], QUADRATURE)
+    # different paths: early on, the two policies differ
+    assert np.abs(ends[1] - dpo.deltas[1]).max() > 0.1
+
+
+# ============================================================================ sampled estimators
+
+def replicated(n: int, copies: int, seed: int = 2) -> PreferenceSample:
+    """One sample, ``copies`` times: the seeds then differ only in their answers."""
+    one = sample_batch(problem(), n, [seed], dtype=torch.float64)
+    return PreferenceSample(one.features.expand(copies, -1, -1).contiguous(),
+                            one.signs.expand(copies, -1).contiguous(),
+                            one.true_signs.expand(copies, -1).contiguous(), one.behavior,
+                            one.names)
+
+
+W0 = reference_weights(DIM, vocab_size=3, seed=4)
+HEAD3 = np.random.default_rng(9).normal(size=(3, DIM))
+START = np.random.default_rng(10).normal(size=(3, DIM)) * 0.5
+
+
+@pytest.mark.parametrize("baseline", ["none", "mean", "value"])
+@pytest.mark.parametrize("kl_in", ["reward", "loss"])
+@pytest.mark.parametrize("rollout", [0, 24])
+def test_ppo_with_one_pass_of_one_minibatch_is_reinforce_bit_for_bit(baseline, kl_in, rollout):
+    data = sample_batch(problem(), 60, [0, 1], dtype=torch.float64)
+    common = dict(seeds=[0, 1], beta=[0.5, 1.5], lr=0.3, steps=5, reference=W0,
+                  reward_head=HEAD3, delta0=START, keep_deltas=True)
+    hyper = dict(baseline=baseline, kl_in=kl_in, rollout_size=rollout)
+    base = simulate_sample(data, objective=rl(estimator="reinforce", **hyper), **common)
+    ppo = simulate_sample(data, objective=rl(estimator="ppo", ppo_epochs=1, num_minibatches=1,
+                                             clip=0.1, **hyper), **common)
+    assert torch.equal(base.deltas, ppo.deltas)
+    assert np.array_equal(base.per_run["loss/value"], ppo.per_run["loss/value"], equal_nan=True)
+    assert np.all(ppo.per_run["policy/clipfrac"][1:] == 0)
+    assert np.all(ppo.per_run["policy/approxkl"][1:] == 0)
+    assert not torch.equal(base.deltas[1], base.deltas[0])  # it moved
+
+
+@pytest.mark.parametrize("baseline,kl_in,factor", [("none", "reward", 1.0), ("none", "loss", 1.0),
+                                                   ("mean", "reward", 1 - 1 / 16)])
+def test_reinforce_mean_update_is_the_exact_gradient(baseline, kl_in, factor):
+    """Over 4,000 rollouts of the same 16 prompts, the mean REINFORCE step equals the
+    exact step (times ``1 − 1/B`` with the rollout-mean baseline) within 5 standard
+    errors, and its error shrinks like ``1/√S``."""
+    copies, n = 4000, 16
+    data = replicated(n, copies)
+    common = dict(seeds=list(range(copies)), beta=0.6, lr=0.5, steps=1, reference=W0,
+                  reward_head=HEAD3, delta0=START, keep_deltas=True)
+    exact = simulate_sample(data, objective=rl(), **common).deltas[1, 0, 0] - torch.as_tensor(START)
+    steps = simulate_sample(data, objective=rl(estimator="reinforce", baseline=baseline,
+                                               kl_in=kl_in), **common).deltas[1, :, 0]
+    steps = (steps - torch.as_tensor(START)).numpy()  # (S, V, d)
+    mean, sd = steps.mean(0), steps.std(0, ddof=1)
+    assert_close(mean, factor * exact.numpy(), 1.0, scale=mc_tolerance(sd, copies))
+    assert np.all(sd > 1e-3)  # a sampled estimator: the runs differ
+
+
+def naive_ppo(data, seed, *, beta, lr, steps, hyper):
+    """PPO written from its definition with autograd (one seed, one configuration),
+    drawing its randomness in the engine's order from a generator seeded by the seed."""
+    g, n = data.features[0], data.features.shape[1]
+    w0 = torch.as_tensor(W0)
+    head = torch.as_tensor(HEAD3)
+    w = (w0 + torch.as_tensor(START)).clone().requires_grad_()
+    v = torch.zeros(DIM, dtype=torch.float64, requires_grad=True)
+    gen = torch.Generator().manual_seed(seed)
+    size = hyper["rollout_size"] or n
+    out = [w.detach().clone()]
+    for _ in range(steps):
+        idx = (torch.randperm(n, generator=gen)[:size] if size < n else torch.arange(n))
+        x = g[idx]
+        with torch.no_grad():
+            logp = torch.log_softmax(x @ w.T, -1)
+            u = torch.rand(1, size, generator=gen, dtype=torch.float64)[0]
+            y = (logp.exp().cumsum(-1) < u[:, None]).sum(-1).clamp_max(2)
+            old = logp[torch.arange(size), y]
+            ref = torch.log_softmax(x @ w0.T, -1)[torch.arange(size), y]
+            returns = (x @ head.T)[torch.arange(size), y] - beta * (old - ref)
+            adv = returns - x @ v if hyper["baseline"] == "value" else returns - returns.mean()
+        parts = hyper["num_minibatches"]
+        for _ in range(hyper["ppo_epochs"]):
+            order = torch.randperm(size, generator=gen) if parts > 1 else torch.arange(size)
+            for m in range(parts):
+                sel = order[m * size // parts:(m + 1) * size // parts]
+                xm = x[sel]
+                new = torch.log_softmax(xm @ w.T, -1)[torch.arange(len(sel)), y[sel]]
+                loss = ppo_clip_loss(new, old[sel], adv[sel], hyper["clip"]).mean()
+                (grad,) = torch.autograd.grad(loss, w)
+                value_loss = 0.5 * ((xm @ v - returns[sel]) ** 2).mean()
+                (grad_v,) = torch.autograd.grad(value_loss, v)
+                with torch.no_grad():
+                    w -= lr * grad
+                    if hyper["baseline"] == "value":
+                        v -= hyper["vf_coef"] * lr * grad_v
+        out.append(w.detach().clone())
+    return torch.stack(out) - w0
+
+
+@pytest.mark.parametrize("hyper", [
+    dict(baseline="mean", rollout_size=0, ppo_epochs=3, num_minibatches=1, clip=0.1),
+    dict(baseline="value", rollout_size=30, ppo_epochs=4, num_minibatches=3, clip=0.05,
+         vf_coef=0.5),
+])
+def test_ppo_equals_a_naive_autograd_loop_on_its_clipped_surrogate(hyper):
+    data = sample_batch(problem(), 50, [3], dtype=torch.float64)
+    sim = simulate_sample(data, seeds=[3], beta=0.9, lr=0.8, steps=6, reference=W0,
+                          objective=rl(estimator="ppo", **hyper), reward_head=HEAD3,
+                          delta0=START, keep_deltas=True)
+    want = naive_ppo(data, 3, beta=0.9, lr=0.8, steps=6, hyper=hyper)
+    assert_close(sim.deltas[:, 0, 0], want, CLOSED_FORM)
+    assert np.nanmax(sim.per_run["policy/clipfrac"]) > 0  # the clipping was exercised
+
+
+def test_reinforce_and_clip_losses_have_the_engine_gradients():
+    """``−A(e_y − π)`` and ``−Aρ(e_y − π)·1[unclipped]`` per answer, by autograd."""
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(7, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 4, (7,), generator=gen)
+    adv = torch.randn(7, generator=gen, dtype=torch.float64)
+    old = torch.log_softmax(logits.detach() + 0.3 * torch.randn(7, 4, generator=gen,
+                                                                dtype=torch.float64), -1)
+    old_y = old[torch.arange(7), y]
+    logp = torch.log_softmax(logits, -1)
+    logp_y = logp[torch.arange(7), y]
+    onehot = torch.nn.functional.one_hot(y, 4).double()
+    probs = logp.detach().exp()
+    (auto,) = torch.autograd.grad(reinforce_loss(logp_y, adv).sum(), logits, retain_graph=True)
+    assert_close(auto, -adv[:, None] * (onehot - probs), CLOSED_FORM)
+    (auto,) = torch.autograd.grad(ppo_clip_loss(logp_y, old_y, adv, 0.1).sum(), logits)
+    ratio = torch.exp(logp_y.detach() - old_y)
+    active = ~(-adv * ratio.clamp(0.9, 1.1) > -adv * ratio)
+    assert 0 < int(active.sum()) < 7  # both branches exercised
+    assert_close(auto, (-adv * ratio * active)[:, None] * (onehot - probs), CLOSED_FORM)
+
+
+# ============================================================================ bad input
+
+@pytest.mark.parametrize("hyper,key,rule", [
+    (dict(estimator="ppo", clip=0.0), "objective.clip", "> 0"),
+    (dict(estimator="ppo", ppo_epochs=0), "objective.ppo_epochs", ">= 1"),
+    (dict(estimator="ppo", num_minibatches=1.5), "objective.num_minibatches", "integer"),
+    (dict(estimator="sarsa"), "objective.estimator", "one of exact, reinforce, ppo"),
+    (dict(clip=0.2), "objective.clip", "applies only with estimator = 'ppo'"),
+    (dict(estimator="reinforce", vf_coef=0.5), "objective.vf_coef", "applies only with baseline"),
+])
+def test_bad_hyperparameters_name_the_key_the_value_and_the_rule(hyper, key, rule):
+    data = sample_batch(problem(), 20, [0], dtype=torch.float64)
+    with pytest.raises(ParameterError) as info:
+        simulate_sample(data, seeds=[0], beta=1.0, lr=0.1, steps=1, reference=W0,
+                        objective=rl(**hyper), reward_head=HEAD3)
+    assert key in str(info.value) and rule in str(info.value)
+
+
+def test_bad_reward_heads_and_rollouts():
+    data = sample_batch(problem(), 20, [0], dtype=torch.float64)
+    common = dict(seeds=[0], beta=1.0, lr=0.1, steps=1, reference=W0)
+    with pytest.raises(ParameterError, match="reward_head = None is required by 'rlhf'"):
+        simulate_sample(data, objective="rlhf", **common)
+    with pytest.raises(ParameterError, match=r"reward_head = \(2, 3\) must have shape \(3, 3\)"):
+        simulate_sample(data, objective="rlhf", reward_head=HEAD2, **common)
+    with pytest.raises(ParameterError, match="rollout_size = 21 must be <= the 20 prompts"):
+        simulate_sample(data, objective=rl(estimator="ppo", rollout_size=21), reward_head=HEAD3,
+                        **common)
+    with pytest.raises(ParameterError, match="batch_size = 4 applies to the exact estimator"):
+        simulate_sample(data, objective=rl(estimator="reinforce"), reward_head=HEAD3,
+                        batch_size=4, **common)
+    with pytest.raises(ParameterError, match="reward_head = None is required by 'rlhf'"):
+        PopulationFlow(population_mixture(problem()), beta=1.0, reference=W0, objective="rlhf")
