@@ -506,11 +506,15 @@ class PopulationFlow:
         # log Z − log Z0 = log(π0(Yes) e^{Δᵀg/2} + π0(No) e^{−Δᵀg/2} + π0(rest)) at the QMC
         # points; the rewards are β(±E[h]/2 − E[shift]), E[h] in closed form.
         proj = self._project_many(deltas)  # (E, C, M): Δᵀg
-        shift = torch.add(self.log_yes, proj, alpha=0.5)
-        torch.logaddexp(shift, torch.add(self.log_no, proj, alpha=-0.5, out=proj), out=shift)
+        yes = torch.add(self.log_yes, proj, alpha=0.5)
+        no = torch.add(self.log_no, proj, alpha=-0.5)
+        shift = torch.logaddexp(yes, no)
         if self.log_rest is not None:
             torch.logaddexp(shift, self.log_rest, out=shift)
         mean_shift = shift.mean(-1)
+        # KL(π ‖ π0) = (π(Yes) − π(No))·Δᵀg/2 − shift at each point
+        per_c["objective/kl"] = ((torch.exp(yes - shift) - torch.exp(no - shift)) * proj / 2
+                                 - shift).mean(-1)
         per_c["rewards/chosen"] = beta * (mean / 2 - mean_shift)
         per_c["rewards/rejected"] = beta * (-mean / 2 - mean_shift)
         per_c["rewards/margins"] = beta * mean

@@ -18,7 +18,7 @@ rewards are ``β log π/π0``), so the metrics of successive phases are on one s
   margins, ranking and implicit-reward accuracies are unchanged), and adds to
   ``rewards/chosen`` and ``rewards/rejected`` the per-sample constant
   ``β(log π_B(y) − log π0(y))`` (the same for both answers); its weight change is
-  ``√(‖Δ‖²/2 + ‖B‖²)``;
+  ``√(‖Δ‖²/2 + ‖B‖²)``; its ``objective/kl`` is not reported (NaN);
 * a reward-head phase runs with the reference ``W0 + D`` (the policy as it is),
   so its ranking accuracy is the current policy's; its weight change is ``‖D‖``.
 """
@@ -254,6 +254,9 @@ def _correct_theory(trajectory, flow: PopulationFlow, reference, base, beta) -> 
     per_k = (beta * offset @ weights).numpy()  # (K,)
     for name in ("rewards/chosen", "rewards/rejected"):
         trajectory.per_behavior[name] = trajectory.per_behavior[name] + per_k
+    # the KL the flow took is to the phase's reference W0 + B, not to W0: not reported
+    trajectory.per_behavior["objective/kl"] = np.full_like(
+        trajectory.per_behavior["objective/kl"], np.nan)
     trajectory.weight_change = np.sqrt(trajectory.weight_change**2 + float((b**2).sum()))
 
 
@@ -268,5 +271,7 @@ def _correct_simulation(result, sample, w0, base, beta) -> None:
     per_k = (beta * sums / counts).cpu().numpy()  # (S, K)
     for name in ("rewards/chosen", "rewards/rejected"):
         result.per_behavior[name] = result.per_behavior[name] + per_k[None, :, None, :]
+    result.per_behavior["objective/kl"] = np.full_like(result.per_behavior["objective/kl"],
+                                                       np.nan)  # to W0 + B, not W0
     extra = (b**2).sum((-2, -1)).cpu().numpy()  # (S,)
     result.weight_change = np.sqrt(result.weight_change**2 + extra[None, :, None])

@@ -518,16 +518,22 @@ class _Evaluator:
         torch.sign(torch.add(h, self.rank0, out=acc), out=acc)
         self._clean(acc)
         torch.sign(h, out=racc)
-        torch.addcmul(self.log_yes, h, self.half_s, out=shift)
+        yes = torch.addcmul(self.log_yes, h, self.half_s)  # log π0(Yes) + Δᵀg/2
         torch.addcmul(self.log_no, h, self.half_s, value=-1, out=self.scratch)
-        torch.logaddexp(shift, self.scratch, out=shift)
+        torch.logaddexp(yes, self.scratch, out=shift)
         if self.log_rest is not None:
             torch.logaddexp(shift, self.log_rest, out=shift)
+        # KL(π ‖ π0) = (π(Yes) − π(No))·Δᵀg/2 − shift (log π/π0 is ±Δᵀg/2 − shift on
+        # Yes/No and −shift on every other token)
+        kl = (yes.sub_(shift).exp_() - self.scratch.sub_(shift).exp_()).mul_(h).mul_(
+            self.half_s).sub_(shift)
         loss_m, acc_m, racc_m, h_m, shift_m, *clean_m = self._means()
         beta = self.beta  # (P, 1) against (S, P, K)
         # rewards β(±h/2 − shift): linear, so from the means of h and of the shift
-        return self._finish(loss_m, acc_m, racc_m, beta * (h_m / 2 - shift_m),
-                            beta * (-h_m / 2 - shift_m), *clean_m, margins=beta * h_m)
+        out = self._finish(loss_m, acc_m, racc_m, beta * (h_m / 2 - shift_m),
+                           beta * (-h_m / 2 - shift_m), *clean_m, margins=beta * h_m)
+        out["objective/kl"] = self._behavior_mean(kl)
+        return out
 
     def _reward(self, h: torch.Tensor) -> dict[str, torch.Tensor]:
         """A reward head's margins ``h`` ``(S, P, R, n)``: R = 1, ``h = sψᵀg`` with

@@ -130,7 +130,7 @@ def naive_metrics(name, trained, w0, g, s, beta, behavior, k, true):
         "rewards/margins": chosen - rejected,
         "clean_accuracy": half((c - r) * s * true),  # the ranking against the true label
     }
-    if obj.view == "all":  # TRL's PPO statistics, over the answers
+    if obj.block == "policy":  # TRL's PPO statistics, over the answers
         logp, logp0 = torch.log_softmax(g @ policy.T, -1), torch.log_softmax(g @ w0.T, -1)
         rows["objective/kl"] = (logp.exp() * (logp - logp0)).sum(-1)
         if obj.data == "prompts":
