@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -48,7 +48,7 @@ from scipy import integrate, special, stats
 
 from dynamics.metrics import BEHAVIOR_METRICS, tidy_frame, tie_half
 from dynamics.model import NO, YES
-from dynamics.objectives import resolve_objective
+from dynamics.objectives import OBJECTIVES, resolve_objective
 from synthetic.families import get_family
 from synthetic.mixture import Mixture
 from synthetic.validation import ParameterError, check_finite_array, check_integer, check_number
@@ -82,6 +82,7 @@ class PopulationTrajectory:
     beta: float
     lr: float
     names: tuple[str, ...]
+    per_run: dict[str, np.ndarray] = field(default_factory=dict)  # (E,): pretrain/loss
 
     def frame(self) -> pd.DataFrame:
         """Tidy table with ``source = "theory"`` and a missing seed."""
@@ -90,6 +91,7 @@ class PopulationTrajectory:
             beta=np.array([self.beta]), seeds=[None], names=self.names,
             per_behavior={k: v[:, None, None, :] for k, v in self.per_behavior.items()},
             weight_change=self.weight_change[:, None, None],
+            per_run={k: v[:, None, None] for k, v in self.per_run.items()},
         )
 
 
@@ -102,7 +104,7 @@ class PopulationFlow:
 
     def __init__(self, mixture: Mixture, *, beta: float, reference: np.ndarray,
                  objective="dpo", panel_width: float = 2.0,
-                 qmc_points: int = 8192, qmc_seed: int = 0, reward_head=None):
+                 qmc_points: int = 8192, qmc_seed: int = 0, reward_head=None, pretrain=None):
         self.mixture = mixture
         self.beta = check_number("beta", beta, gt=0)
         self.objective, self.hyper = resolve_objective(objective)
@@ -126,6 +128,16 @@ class PopulationFlow:
                                  f"is required by {self.objective.name!r}: a reward head Φ of "
                                  f"shape {tuple(self.w0.shape)}")
         self._context = None
+        # PPO-ptx's pretraining distribution (synthetic.pretrain.Pretraining): QMC points
+        self.ptx_coef = float(self.hyper.get("ptx_coef", 0.0))
+        if pretrain is None and self.ptx_coef > 0:
+            raise ParameterError("objective.ptx_coef", self.ptx_coef, "needs a pretraining "
+                                 "distribution ([pretrain] in the config)")
+        self.pretrain = None
+        if pretrain is not None:
+            pretrain.check_vocab(self.w0.shape[0])
+            cloud, tokens = pretrain.cloud(qmc_points, qmc_seed)
+            self.pretrain = (cloud, torch.as_tensor(pretrain.weights), tokens)
 
         family = "gaussian" if mixture.family == "empirical" else mixture.family
         self.family = get_family(family)
@@ -252,9 +264,9 @@ class PopulationFlow:
             return torch.from_numpy(self.drift_np(np.asarray(theta, dtype=np.float64)))
         theta = torch.as_tensor(np.asarray(theta, dtype=np.float64))
         if self.objective.data == "prompts" and self.exact_rlhf:
-            return torch.from_numpy(self._drift_rlhf(theta.numpy()))
+            return torch.from_numpy(self._drift_rlhf(theta.numpy())) + self._drift_ptx(theta)
         if self.objective.view == "all":
-            return self._drift_all(theta)
+            return self._drift_all(theta) + self._drift_ptx(theta)
         rows = theta.reshape(-1, self.mu.shape[1])  # (R, d)
         signs = torch.as_tensor(self.objective.row_signs, dtype=torch.float64)[:, None]
         signed = rows * signs  # θ̃_r = σ_r θ_r: h_r = s θ̃_rᵀg
@@ -381,6 +393,43 @@ class PopulationFlow:
             :, None] + cov_b * e0[:, None])  # (C, d): E_c[f y g]
         grad = self.pi.numpy() @ per_c
         return np.stack([grad, -grad])  # ascent on J = descent on ℓ = −J
+
+    def _pretrain_logits(self, weights: torch.Tensor):
+        """Logits ``(E, C, V, M)`` of policies ``weights`` ``(E, V, d)`` at the pretraining
+        points, with the tokens ``(C, 1, 1)`` broadcastable against them."""
+        cloud, _, tokens = self.pretrain
+        logits = torch.einsum("evd,cmd->ecvm", weights, cloud)
+        return logits, tokens.reshape(-1, 1, 1).expand(-1, 1, cloud.shape[1])
+
+    def _drift_ptx(self, theta: torch.Tensor) -> torch.Tensor | float:
+        """PPO-ptx: ``−γ Σ_c w_c E_c[(π − e_y) gᵀ]`` on every row (0 without it)."""
+        if self.ptx_coef == 0:
+            return 0.0
+        cloud, weights, _ = self.pretrain
+        logits, tokens = self._pretrain_logits((self.w0 + theta)[None])
+        coef = OBJECTIVES["sft"].logit_grad(logits[0], tokens)  # (C, V, M)
+        per_c = coef @ cloud / cloud.shape[1]  # (C, V, d)
+        return -self.ptx_coef * torch.einsum("c,cvd->vd", weights, per_c)
+
+    def pretrain_loss(self, thetas) -> np.ndarray:
+        """The alignment tax ``E_pretrain[−log π(y|g)]`` at each of ``thetas`` ``(E,
+        *shape)``: ``(E,)``; the policy is the reference (with the Yes/No difference
+        added for a policy-difference view, every row for the ``all`` view)."""
+        thetas = torch.as_tensor(np.asarray(thetas, dtype=np.float64)).reshape(
+            (-1,) + self.shape)
+        weights = self.w0.expand(len(thetas), -1, -1).clone()
+        if self.objective.block == "policy" and self.objective.view == "difference":
+            weights[:, YES] += thetas / 2
+            weights[:, NO] -= thetas / 2
+        elif self.objective.block == "policy":
+            weights += thetas
+        _, mix, _ = self.pretrain
+        out = []
+        for w in weights:  # one policy at a time: (C, V, M) values
+            logits, tokens = self._pretrain_logits(w[None])
+            loss = OBJECTIVES["sft"].logit_loss(logits[0], tokens).mean(-1)  # (C,)
+            out.append(float(mix @ loss))
+        return np.array(out)
 
     def _cloud_context(self) -> dict:
         """What an objective on prompts reads at the cloud: reference logits and
@@ -644,8 +693,9 @@ def population_descent(
     deltas = deltas.reshape((len(record),) + shape)
     metrics, weight_change = flow.metrics_many(deltas)
     per_behavior = {name: value.numpy() for name, value in metrics.items()}
+    per_run = {} if flow.pretrain is None else {"pretrain/loss": flow.pretrain_loss(deltas)}
     return PopulationTrajectory(record, deltas, per_behavior, weight_change.numpy(), beta, lr,
-                                mixture.names)
+                                mixture.names, per_run)
 
 
 def population_descent_many(

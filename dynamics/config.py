@@ -167,6 +167,14 @@ SCHEMA: dict[str, dict[str, Key]] = {
                       "list of training phases, each from where the last left the model "
                       "(replaces objective, steps, flip, start and align_steps)"),
     },
+    "pretrain": {
+        "n": Key(None, _int(ge=1), "pretraining examples per seed (default: train.n); a "
+                 "held-out draw of the same size measures the alignment tax"),
+        "components": Key(None, _any, "array of tables [[pretrain.components]], keys below: "
+                          "PPO-ptx's pretraining distribution (InstructGPT eq. 2); with it "
+                          "every policy objective reports pretrain/loss, and rlhf's ptx_coef "
+                          "trains on it"),
+    },
     "theory": {
         "population": Key(True, _bool, "compute the population prediction (source = "
                           "\"theory\")"),
@@ -210,6 +218,12 @@ PHASE_KEYS: dict[str, Key] = {
     "flip": Key(False, _bool, "train on flipped preferences (metrics against them)"),
     "record": Key(True, _bool, "keep the phase's metrics (an unrecorded phase only "
                   "prepares the next, and does not advance the step count)"),
+}
+COMPONENT_KEYS: dict[str, Key] = {
+    "mean": Key(None, _any, "mean of the features g (length d)", required=True),
+    "sigma": Key(1.0, _num(ge=0), "g ~ N(mean, sigma²·I)"),
+    "token": Key(None, _int(ge=0), "the target token y (< model.vocab_size)", required=True),
+    "weight": Key(1.0, _num(gt=0), "mixture weight (normalised over components)"),
 }
 SHORTHAND = ("objective", "steps", "flip", "start", "align_steps")
 """train keys that ``[[train.phases]]`` replaces (an error to give both)."""
@@ -278,6 +292,7 @@ def parse_config(raw: dict) -> dict:
             check_finite_array(f"model.{key}", model[key],
                                (model["vocab_size"], config["problem"]["dim"]))
     _check_reward_heads(config)
+    _check_pretrain(config)
     problem = build_problem(config)  # every numeric check on means and covariances, with paths
     counts = allocate(train["n"], problem.weights)
     if counts.min() < 1:
@@ -286,6 +301,54 @@ def parse_config(raw: dict) -> dict:
                              f"(behavior {empty!r} gets none; n·w = "
                              f"{train['n'] * problem.weights.min():.2g})")
     return config
+
+
+def _check_pretrain(config: dict) -> None:
+    """``[pretrain]``: components with a mean of length d and a token < V; ``n``
+    only with components; ``ptx_coef > 0`` only with them."""
+    table = config["pretrain"]
+    if "components" not in table:
+        if "n" in table:
+            raise ParameterError("pretrain.n", table["n"], "needs [[pretrain.components]]")
+        train = config["train"]
+        specs = [p["objective"] for p in train["phases"]] if "phases" in train else [
+            train["objective"]]
+        for spec in specs:
+            if isinstance(spec, dict) and spec.get("ptx_coef", 0) > 0:
+                raise ParameterError("train.objective.ptx_coef", spec["ptx_coef"],
+                                     "needs a pretraining distribution: [[pretrain.components]]")
+        return
+    items = table["components"]
+    if not isinstance(items, list) or not items:
+        raise ParameterError("pretrain.components", items, "must be one or more "
+                             "[[pretrain.components]] tables")
+    dim, vocab = config["problem"]["dim"], config["model"]["vocab_size"]
+    filled = []
+    for i, item in enumerate(items):
+        path = f"pretrain.components.{i}"
+        entry = _fill(path, item, COMPONENT_KEYS)
+        entry["mean"] = check_finite_array(f"{path}.mean", entry["mean"], (dim,)).tolist()
+        if entry["token"] >= vocab:
+            raise ParameterError(f"{path}.token", entry["token"],
+                                 f"must be < model.vocab_size = {vocab}")
+        filled.append(entry)
+    table["components"] = filled
+
+
+def pretraining_of(config: dict):
+    """The config's pretraining distribution (:class:`synthetic.pretrain.Pretraining`)
+    and its sample size, or ``(None, None)``."""
+    from synthetic.pretrain import Pretraining
+
+    table = config["pretrain"]
+    if "components" not in table:
+        return None, None
+    items = table["components"]
+    return (Pretraining(np.array([c["mean"] for c in items], dtype=np.float64),
+                        np.array([c["sigma"] for c in items]),
+                        np.array([c["token"] for c in items]),
+                        np.array([c["weight"] for c in items])),
+            table.get("n", config["train"]["n"]))
 
 
 def _check_reward_heads(config: dict) -> None:
@@ -505,9 +568,10 @@ def dump_config(config: dict) -> str:
     out = []
     for section, table in config.items():
         out.append(f"[{section}]")
-        out += [f"{k} = {_toml(v)}" for k, v in table.items() if k not in ("behaviors", "phases")]
+        out += [f"{k} = {_toml(v)}" for k, v in table.items()
+                if k not in ("behaviors", "phases", "components")]
         out.append("")
-        for key in ("behaviors", "phases"):
+        for key in ("behaviors", "phases", "components"):
             for item in table.get(key, []):
                 out.append(f"[[{section}.{key}]]")
                 out += [f"{k} = {_toml(v)}" for k, v in item.items()]
@@ -555,6 +619,9 @@ def config_reference() -> str:
             if key == "phases":
                 for pkey, pspec in PHASE_KEYS.items():
                     row(f"train.phases[].{pkey}", pspec)
+            if key == "components":
+                for ckey, cspec in COMPONENT_KEYS.items():
+                    row(f"pretrain.components[].{ckey}", cspec)
     return "\n".join(lines)
 
 

@@ -18,7 +18,8 @@ import torch
 from tqdm.auto import tqdm
 
 from dynamics.bounds import accuracy_lower_bound, loss_envelope, weight_change_bound
-from dynamics.config import build_problem, dump_config, objective_name, phases_of
+from dynamics.config import (build_problem, dump_config, objective_name, phases_of,
+                             pretraining_of)
 from dynamics.io import atomic_write_all, environment, resolve_device
 from dynamics.model import NO, YES, reference_weights
 from dynamics.phases import flipped_mixture, run_simulation, run_theory
@@ -67,6 +68,7 @@ def _memory_terms(config: dict) -> dict[str, int]:
     behaviors, vocab = len(problem["behaviors"]), model["vocab_size"]
     item = 8 if train["dtype"] == "float64" else 4
     phases = phases_of(config)
+    pretrain, pretrain_n = pretraining_of(config)
     rows = max((resolve_objective(p.objective)[0].rows or vocab) for p in phases)
     batch = train.get("batch_size") or n
     recorded = sum(p.steps // train["eval_every"] + 2 for p in phases if p.record)
@@ -77,7 +79,9 @@ def _memory_terms(config: dict) -> dict[str, int]:
         "sampling": features * (8 + 8 + item),
         # the features and their signed copy (and a training subset's), the (S, P·R, B)
         # margins, the evaluator's (6, S, P, n) buffer and its scratch
-        "training": features * item * (2 + 2 * subset) + seeds * (rows * batch + 7 * n) * item,
+        "training": features * item * (2 + 2 * subset) + seeds * (rows * batch + 7 * n) * item
+        # PPO-ptx's training and held-out pretraining draws (float64, then the run's dtype)
+        + (0 if pretrain is None else 2 * seeds * pretrain_n * dim * (8 + item)),
         # the recorded (E, S, P, K, 7) metrics and the tidy table built from them
         "metrics": recorded * seeds * behaviors * (7 * 8 + _FRAME_BYTES_PER_ROW),
     }
@@ -165,6 +169,7 @@ def run_experiment(config: dict, *, progress: bool = True) -> pd.DataFrame:
                            scale=model["init_scale"], seed=model["init_seed"],
                            given=model.get("reference"))
     phases = phases_of(config)
+    pretrain, pretrain_n = pretraining_of(config)
     # Theorems 1-3 are about DPO from the reference on the whole training set
     only = phases[0]
     bounded = (theory["bounds"] and len(phases) == 1 and only.behaviors is None
@@ -181,7 +186,8 @@ def run_experiment(config: dict, *, progress: bool = True) -> pd.DataFrame:
                         continuous=theory["continuous"])
             recorded, trajectories = run_theory(mixture, phases, beta=beta, reference=w0,
                                                 eval_every=every, progress=bar.update,
-                                                reward_head=model.get("reward_head"), **flow)
+                                                reward_head=model.get("reward_head"),
+                                                pretrain=pretrain, **flow)
             if theory["bounds"]:
                 for frame, trajectory in zip(recorded, _recorded(trajectories, phases)):
                     values = np.full((len(trajectory.steps), len(problem.names),
@@ -201,7 +207,8 @@ def run_experiment(config: dict, *, progress: bool = True) -> pd.DataFrame:
         recorded, results = run_simulation(data, phases, seeds=seeds, beta=beta, reference=w0,
                                            eval_every=every, batch_size=train.get("batch_size"),
                                            progress=lambda k: bar.update(1),
-                                           reward_head=model.get("reward_head"))
+                                           reward_head=model.get("reward_head"),
+                                           pretrain=pretrain, pretrain_n=pretrain_n)
         if theory["bounds"]:
             full_batch = train.get("batch_size", train["n"]) == train["n"]
             for frame, result in zip(recorded, _recorded(results, phases)):

@@ -464,6 +464,8 @@ _RLHF_HYPER = {
                              integer=True, only=_PPO),
     "vf_coef": Hyper(0.1, "the value head's step size as a multiple of lr", {"ge": 0},
                      only={"baseline": ("value",)}),
+    "ptx_coef": Hyper(0.0, "γ of PPO-ptx: + γ·E_pretrain[−log π(y|g)] in the loss, on the "
+                      "[pretrain] distribution", {"ge": 0}),
 }
 
 OBJECTIVES: dict[str, Objective] = {o.name: o for o in (

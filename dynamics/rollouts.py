@@ -52,8 +52,9 @@ class RolloutEngine(_SoftmaxEngine):
     """REINFORCE and PPO on every row of the policy, every run at once (see the module
     docstring); evaluation is the softmax engine's (exact over the answers)."""
 
-    def __init__(self, data, train, obj, hyper, beta, lr, w0, theta, batch_size, seeds, head):
-        super().__init__(data, train, obj, hyper, beta, lr, w0, theta, None, seeds, head)
+    def __init__(self, data, train, obj, hyper, beta, lr, w0, theta, batch_size, seeds, head,
+                 ptx=None):
+        super().__init__(data, train, obj, hyper, beta, lr, w0, theta, None, seeds, head, ptx)
         self.n = self.x.shape[1]
         self.size = hyper["rollout_size"] or self.n
         self.gens = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
@@ -164,7 +165,10 @@ class RolloutEngine(_SoftmaxEngine):
             kl = (probs * ratio_all).sum(-2, keepdim=True)
             coef = coef + context["beta"] * probs * (ratio_all - kl)
         size = x_m.shape[1]
+        ptx = self._ptx_step()  # PPO-ptx: the pretraining term at every update
         self.weights.baddbmm_(coef.flatten(1, 2) * (self.scale_rows / size), x_m)
+        if ptx is not None:
+            self.weights.baddbmm_(*ptx)
         # the value head: ½ mean (vᵀg − R)², one step of vf_coef·lr
         error = torch.bmm(self.value, x_t) - returns  # (S, P, Bm)
         stats["loss/value"] = 0.5 * (error**2).mean(-1)

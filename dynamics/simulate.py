@@ -29,12 +29,14 @@ import torch
 
 from dynamics.metrics import tidy_frame
 from dynamics.model import NO, YES
-from dynamics.objectives import resolve_objective
+from dynamics.objectives import OBJECTIVES, resolve_objective
 from synthetic.problem import Problem
 from synthetic.sampling import PreferenceSample, sample_batch
 from synthetic.validation import ParameterError, check_integer, check_number
 
 __all__ = ["SimulationResult", "simulate", "simulate_sample"]
+
+_SFT = OBJECTIVES["sft"]  # the pretraining term is imitation of the pretraining tokens
 
 
 @dataclass
@@ -119,13 +121,19 @@ def simulate_sample(
     progress: Callable[[int], None] | None = None,
     train_behaviors: Sequence[int] | None = None,
     reward_head: np.ndarray | torch.Tensor | None = None,
+    pretrain=None,
+    pretrain_n: int | None = None,
 ) -> SimulationResult:
     """Train on a batched sample (``data.features`` of shape ``(S, n, d)``).
 
     ``reward_head`` (``Φ``, ``(V, d)`` or one per seed ``(S, V, d)``; ``r(g, y) =
     φ_yᵀg``) is the frozen reward an objective on ``prompts`` (``rlhf``) maximises;
     with it, a policy trained on every row also reports ``objective/scores`` and
-    ``objective/rlhf_reward``.
+    ``objective/rlhf_reward``. ``pretrain`` (a :class:`synthetic.pretrain.Pretraining`)
+    is PPO-ptx's pretraining distribution: each seed draws ``pretrain_n`` examples
+    (default ``n``) that an objective with ``ptx_coef = γ > 0`` also trains on
+    (``+γ·mean(−log π(y|g))`` in its loss), and a held-out draw of the same size on
+    which every run reports the alignment tax ``pretrain/loss`` at each recorded step.
 
     ``train_behaviors`` (indices into ``data.names``; default all) restricts the
     training set to those behaviors' statements; metrics are still reported for
@@ -192,13 +200,15 @@ def simulate_sample(
     if sampled and hyper["rollout_size"] > len(train.behavior):
         raise ParameterError("objective.rollout_size", hyper["rollout_size"],
                              f"must be <= the {len(train.behavior)} prompts trained on")
+    ptx = _Pretrain.build(pretrain, pretrain_n or n, obj, hyper, seeds, w0.shape[1], dim, dtype,
+                          device)
     if obj.view == "all":
         if sampled:
             from dynamics.rollouts import RolloutEngine as engine
         else:
             engine = _SoftmaxEngine
         run = engine(data, train, obj, hyper, beta_np, lr_np, w0, theta, batch_size, seeds,
-                     head)
+                     head, ptx)
     else:
         run = _MarginEngine(data, train, obj, hyper, beta_np, lr_np, w0, theta, batch_size,
                             seeds)
@@ -211,7 +221,9 @@ def simulate_sample(
             for name, value in run.evaluate().items():
                 store.setdefault(name, []).append(value)  # (S, P, K)
             norms.append(run.weight_change())
-            stats.append(getattr(run, "stats", {}))
+            stats.append(dict(getattr(run, "stats", {})))
+            if ptx is not None:
+                stats[-1]["pretrain/loss"] = ptx.tax(run.policy()).cpu().double().numpy()
             if keep_deltas:
                 kept.append(run.theta())
         if k == steps:
@@ -232,6 +244,42 @@ def simulate_sample(
         per_behavior=per_behavior, weight_change=torch.stack(norms).cpu().double().numpy(),
         final=final, deltas=torch.stack(kept) if keep_deltas else None, per_run=per_run,
     )
+
+
+class _Pretrain:
+    """PPO-ptx's pretraining sample (training and held-out) of every seed, its term in
+    the gradient and the alignment tax."""
+
+    def __init__(self, train, heldout, tokens, coef):
+        self.x, self.heldout, self.coef = train, heldout, coef  # (S, m, d) ×2, γ
+        self.tokens = tokens[None, None, None, :]  # (1, 1, 1, m)
+
+    @classmethod
+    def build(cls, pretrain, size, obj, hyper, seeds, vocab, dim, dtype, device):
+        coef = float(hyper.get("ptx_coef", 0.0))
+        if pretrain is None:
+            if coef > 0:
+                raise ParameterError("objective.ptx_coef", coef, "needs a pretraining "
+                                     "distribution ([pretrain] in the config)")
+            return None
+        if pretrain.dim != dim:
+            raise ParameterError("pretrain.components.0.mean", pretrain.dim,
+                                 f"must have length d = {dim}")
+        pretrain.check_vocab(vocab)
+        x, tokens = pretrain.sample(size, seeds, dtype=dtype, device=device)
+        held, _ = pretrain.sample(size, seeds, heldout=True, dtype=dtype, device=device)
+        return cls(x, held, tokens, coef)
+
+    def tax(self, weights: torch.Tensor) -> torch.Tensor:
+        """``mean(−log π(y|g))`` over the held-out draw, per run ``(S, P)``; ``weights``
+        the policy ``(S, P, V, d)``."""
+        logits = torch.bmm(weights.flatten(1, 2), self.heldout.transpose(1, 2))
+        logits = logits.view(*weights.shape[:3], -1)  # (S, P, V, m)
+        return _SFT.logit_loss(logits, self.tokens).mean(-1)
+
+    def gradient(self, logits: torch.Tensor) -> torch.Tensor:
+        """``γ ∂(−log π(y|g))/∂logits`` at the training draw's logits ``(S, P, V, m)``."""
+        return _SFT.logit_grad(logits, self.tokens).mul_(self.coef)
 
 
 def _reward_head(head, obj, num_seeds, vocab, dim, dtype, device) -> torch.Tensor | None:
@@ -305,6 +353,7 @@ class _MarginEngine:
         signed = theta * self.row_signs  # θ̃
         self.param = signed.reshape(num_seeds, -1, dim) * self.to_param  # (S, P·R, d)
         self.evaluator = _Evaluator(data, self.xs, w0, obj, hyper, beta_t[:, None], rows)
+        self.w0 = w0
         # The step's (S, P·R, B) margins land in one buffer allocated once (a fresh
         # tensor per step measured ~5% slower at n = 500, d = 16); the full-batch
         # margins of an evaluation are reused by the next full-batch step.
@@ -324,6 +373,16 @@ class _MarginEngine:
         if self.obj.block != "policy":
             return torch.zeros(self.shape[:2], dtype=self.param.dtype, device=self.param.device)
         return self.theta()[:, :, 0].norm(dim=-1) / np.sqrt(2)
+
+    def policy(self) -> torch.Tensor:
+        """The policy ``W`` ``(S, P, V, d)``: the reference with ``±θ/2`` on Yes/No for
+        the policy's difference, the reference itself while a reward head trains."""
+        weights = self.w0[:, None].expand(self.shape[0], self.shape[1], -1, -1).clone()
+        if self.obj.block == "policy":
+            theta = self.theta()[:, :, 0]
+            weights[:, :, YES] += theta / 2
+            weights[:, :, NO] -= theta / 2
+        return weights
 
     def evaluate(self) -> dict[str, torch.Tensor]:
         w = torch.bmm(self.param, self.xs_t, out=self.margins if self.shared else None)
@@ -354,7 +413,7 @@ class _SoftmaxEngine:
     """
 
     def __init__(self, data, train, obj, hyper, beta, lr, w0, theta, batch_size, seeds,
-                 head=None):
+                 head=None, ptx=None):
         x, s = data.features, data.signs
         num_seeds, _, dim = x.shape
         n = train.features.shape[1]
@@ -377,6 +436,20 @@ class _SoftmaxEngine:
                                     vocab, head)
         self.batches = _BatchStream(seeds, n, batch_size, device) if batch_size else None
         self.full_context = self.context(self.x.transpose(1, 2))
+        self.ptx = ptx if ptx is not None and ptx.coef > 0 else None
+
+    def policy(self) -> torch.Tensor:
+        return self.weights.view(self.shape)
+
+    def _ptx_step(self):
+        """The pretraining term's update ``(coef (S, P·V, m), features (S, m, d))`` at
+        the current weights (applied with the objective's, so both are one GD step)."""
+        if self.ptx is None:
+            return None
+        coef = self.ptx.gradient(self._logits(self.ptx.x.transpose(1, 2)))
+        rows = coef.flatten(1, 2).mul_(-self.lr.repeat_interleave(self.shape[2])[:, None]
+                                       / self.ptx.x.shape[1])
+        return rows, self.ptx.x
 
     def context(self, x_t: torch.Tensor) -> dict[str, torch.Tensor]:
         """What an RL objective reads besides the logits, for prompts ``x_t``
@@ -413,7 +486,10 @@ class _SoftmaxEngine:
             context = self.context(xb.transpose(1, 2))
         coef = self.obj.logit_grad(self._logits(xb.transpose(1, 2)), chosen,
                                    **context)  # (S, P, V, B)
+        ptx = self._ptx_step()
         self.weights.baddbmm_(coef.flatten(1, 2).mul_(self.scale), xb)
+        if ptx is not None:
+            self.weights.baddbmm_(*ptx)
 
 
 class _Evaluator:

@@ -327,3 +327,117 @@ def test_bad_reward_heads_and_rollouts():
                         batch_size=4, **common)
     with pytest.raises(ParameterError, match="reward_head = None is required by 'rlhf'"):
         PopulationFlow(population_mixture(problem()), beta=1.0, reference=W0, objective="rlhf")
+
+
+# ============================================================================ PPO-ptx
+
+def pretraining():
+    from synthetic.pretrain import Pretraining
+
+    return Pretraining(np.array([[1.0, 0.0, 0.5], [-0.5, 1.0, 0.0]]), np.array([0.7, 1.2]),
+                       np.array([2, 0]), np.array([1.0, 3.0]))
+
+
+def test_the_pretraining_sample_has_its_distribution():
+    pre = pretraining()
+    x, tokens = pre.sample(40_000, [0, 1], dtype=torch.float64)
+    held, same = pre.sample(40_000, [0, 1], heldout=True, dtype=torch.float64)
+    assert torch.equal(tokens, same) and not torch.equal(x, held)  # a fresh draw, same layout
+    assert (tokens == 2).sum() == 10_000 and (tokens == 0).sum() == 30_000  # weights 1 : 3
+    for token, mean, sigma in zip(pre.tokens, pre.means, pre.sigmas):
+        part = x[0][tokens == token].numpy()
+        assert_close(part.mean(0), mean, 1.0, scale=mc_tolerance(np.full(3, sigma), len(part)))
+        assert_close(part.std(0), np.full(3, sigma), 0.03)
+
+
+def test_ptx_coef_zero_is_plain_rlhf_bit_for_bit():
+    data = sample_batch(problem(), 40, [0, 1], dtype=torch.float64)
+    common = dict(seeds=[0, 1], beta=0.8, lr=0.4, steps=4, reference=W0, reward_head=HEAD3,
+                  delta0=START, keep_deltas=True)
+    for hyper in (dict(), dict(estimator="ppo", num_minibatches=2)):
+        plain = simulate_sample(data, objective=rl(**hyper), **common)
+        zero = simulate_sample(data, objective=rl(ptx_coef=0.0, **hyper), pretrain=pretraining(),
+                               **common)
+        assert torch.equal(plain.deltas, zero.deltas)
+        assert np.all(np.isfinite(zero.per_run["pretrain/loss"]))  # the tax is still measured
+        assert "pretrain/loss" not in plain.per_run
+
+
+def test_ptx_equals_a_naive_autograd_loop():
+    """Exact RL plus ``γ·mean(−log π(y|g))`` on the pretraining draw, gradient descent
+    with autograd on the full matrix; the tax on the held-out draw at every step."""
+    data = sample_batch(problem(), 50, [4], dtype=torch.float64)
+    gamma, beta, lr, steps = 0.7, 0.9, 0.5, 5
+    sim = simulate_sample(data, seeds=[4], beta=beta, lr=lr, steps=steps, reference=W0,
+                          objective=rl(ptx_coef=gamma), reward_head=HEAD3, delta0=START,
+                          keep_deltas=True, pretrain=pretraining(), pretrain_n=30)
+    x_pre, y_pre = pretraining().sample(30, [4], dtype=torch.float64)
+    x_held, _ = pretraining().sample(30, [4], heldout=True, dtype=torch.float64)
+    g, w0, head = data.features[0], torch.as_tensor(W0), torch.as_tensor(HEAD3)
+    w = (w0 + torch.as_tensor(START)).requires_grad_()
+    nll = lambda w, x: -torch.log_softmax(x @ w.T, -1)[torch.arange(len(y_pre)), y_pre]  # noqa: E731
+    for k in range(steps + 1):
+        assert_close(sim.deltas[k, 0, 0], w.detach() - w0, CLOSED_FORM)
+        assert_close(sim.per_run["pretrain/loss"][k, 0, 0], nll(w.detach(), x_held[0]).mean(),
+                     CLOSED_FORM)
+        logp, logp0 = torch.log_softmax(g @ w.T, -1), torch.log_softmax(g @ w0.T, -1)
+        ret = (logp.exp() * (g @ head.T - beta * (logp - logp0))).sum(-1)
+        loss = -ret.mean() + gamma * nll(w, x_pre[0]).mean()
+        (grad,) = torch.autograd.grad(loss, w)
+        with torch.no_grad():
+            w -= lr * grad
+
+
+@pytest.mark.agreement
+def test_ptx_flow_agrees_with_simulation():
+    """The flow's pretraining term and tax (QMC) against 24 seeds' simulations."""
+    mixture = population_mixture(problem())
+    common = dict(beta=0.8, lr=0.3, steps=30, reference=W0, objective=rl(ptx_coef=1.0),
+                  reward_head=HEAD3, eval_every=10)
+    theory = population_descent(mixture, pretrain=pretraining(), qmc_points=2**14, **common)
+    seeds = list(range(24))
+    sim = simulate_sample(sample_batch(problem(), 3000, seeds, dtype=torch.float64), seeds=seeds,
+                          pretrain=pretraining(), pretrain_n=3000, **common)
+    for name, got, want in (
+            ("pretrain/loss", sim.per_run["pretrain/loss"][:, :, 0],
+             theory.per_run["pretrain/loss"][:, None]),
+            ("objective/rlhf_reward", sim.per_behavior["objective/rlhf_reward"][:, :, 0],
+             theory.per_behavior["objective/rlhf_reward"][:, None])):
+        errs = got - want
+        assert_close(errs.mean(1), 0.0, 1.0, scale=mc_tolerance(errs.std(1, ddof=1), len(seeds))
+                     + QMC, err_msg=name)
+    # the pretraining term holds the tax down: without it the same run pays more
+    plain = population_descent(mixture, pretrain=pretraining(), qmc_points=2**14,
+                               **{**common, "objective": rl()})
+    assert plain.per_run["pretrain/loss"][-1] > theory.per_run["pretrain/loss"][-1] + 0.05
+
+
+@pytest.mark.parametrize("override,key,rule", [
+    ("train.objective.ptx_coef=0.5", "train.objective.ptx_coef", "needs a pretraining"),
+    ("pretrain.n=10", "pretrain.n", "needs [[pretrain.components]]"),
+])
+def test_bad_pretraining_config(override, key, rule):
+    from dynamics.config import load_config
+
+    text = ("[problem]\ndim = 3\n[[problem.behaviors]]\nname = \"a\"\ndistinguishability = 1.0\n"
+            "[model]\nreward_head = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]\n"
+            "[train]\nobjective = \"rlhf\"\n")
+    with pytest.raises(ParameterError) as info:
+        load_config(None, [override], text=text)
+    assert key in str(info.value) and rule in str(info.value)
+
+
+@pytest.mark.parametrize("component,key,rule", [
+    ("mean = [1.0, 2.0]\ntoken = 0", "pretrain.components.0.mean", "(3,)"),
+    ("mean = [1.0, 2.0, 0.0]\ntoken = 2", "pretrain.components.0.token", "< model.vocab_size = 2"),
+    ("mean = [1.0, 2.0, 0.0]\ntoken = 0\nsigma = -1.0", "pretrain.components.0.sigma", ">= 0"),
+    ("mean = [1.0, 2.0, 0.0]", "pretrain.components.0.token", "required"),
+])
+def test_bad_pretraining_components(component, key, rule):
+    from dynamics.config import load_config
+
+    text = ("[problem]\ndim = 3\n[[problem.behaviors]]\nname = \"a\"\ndistinguishability = 1.0\n"
+            f"[[pretrain.components]]\n{component}\n")
+    with pytest.raises(ParameterError) as info:
+        load_config(None, [], text=text)
+    assert key in str(info.value) and rule in str(info.value)
