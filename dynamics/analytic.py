@@ -104,7 +104,8 @@ class PopulationFlow:
 
     def __init__(self, mixture: Mixture, *, beta: float, reference: np.ndarray,
                  objective="dpo", panel_width: float = 2.0,
-                 qmc_points: int = 8192, qmc_seed: int = 0, reward_head=None, pretrain=None):
+                 qmc_points: int = 8192, qmc_seed: int = 0, reward_head=None, pretrain=None,
+                 reward_scales=None):
         self.mixture = mixture
         self.beta = check_number("beta", beta, gt=0)
         self.objective, self.hyper = resolve_objective(objective)
@@ -128,6 +129,16 @@ class PopulationFlow:
                                  f"is required by {self.objective.name!r}: a reward head Φ of "
                                  f"shape {tuple(self.w0.shape)}")
         self._context = None
+        # RL's reward per component: the task reward s_k φ_yᵀg (reward_scales), or the
+        # advantage model's score once fix_scores has seen the starting policy
+        scales = (np.ones(mixture.num_behaviors) if reward_scales is None
+                  else np.asarray(reward_scales, dtype=np.float64))
+        if scales.shape != (mixture.num_behaviors,) or np.any(scales <= 0):
+            raise ParameterError("reward_scales", scales.tolist(), f"must be "
+                                 f"{mixture.num_behaviors} positive numbers, one per behavior")
+        self.task_scale = t(scales[mixture.behavior])  # (C,): s_k of each component
+        self.score_scale = self.task_scale.clone()  # (C,): what multiplies φ_yᵀg in training
+        self.score_start = None  # the advantage model's starting policy (V, d)
         # PPO-ptx's pretraining distribution (synthetic.pretrain.Pretraining): QMC points
         self.ptx_coef = float(self.hyper.get("ptx_coef", 0.0))
         if pretrain is None and self.ptx_coef > 0:
@@ -376,10 +387,11 @@ class PopulationFlow:
         """
         delta = theta[YES] - theta[NO]
         a = self.u0.numpy() + delta
-        b = (self.head[YES] - self.head[NO]).numpy() - self.beta * delta
+        psi = (self.head[YES] - self.head[NO]).numpy()
+        b = self.score_scale.numpy()[:, None] * psi - self.beta * delta  # (C, d): per component
         mu, cov = self.mu.numpy(), self._np["cov"]
-        cov_a, cov_b = cov @ a, cov @ b  # (C, d)
-        mean_x, mean_y = mu @ a, mu @ b  # (C,)
+        cov_a, cov_b = cov @ a, np.einsum("cij,cj->ci", cov, b)  # (C, d)
+        mean_x, mean_y = mu @ a, (mu * b).sum(-1)  # (C,)
         sd = np.sqrt(np.maximum((cov_a * a).sum(-1), 0.0))
         cross = (cov_a * b).sum(-1)  # (C,): c_xy
         y, p, _ = self._rule_for(mean_x, sd, scale=1.0)
@@ -438,8 +450,31 @@ class PopulationFlow:
             return {}
         if self._context is None:
             cloud_t = self._cloud().transpose(1, 2)
-            self._context = {"reference": self.w0 @ cloud_t, "rewards": self.head @ cloud_t}
+            task = (self.head @ cloud_t) * self.task_scale[:, None, None]  # (C, V, M)
+            rewards = task
+            if self.score_start is not None:  # (task − b(g))/σ_k, b under the start policy
+                probs = torch.softmax((self.w0 + self.score_start) @ cloud_t, dim=1)
+                base = (probs * task).sum(1, keepdim=True)
+                rewards = (task - base) * (self.score_scale / self.task_scale)[:, None, None]
+            self._context = {"reference": self.w0 @ cloud_t, "rewards": rewards}
         return {**self._context, "beta": self.beta}
+
+    def fix_scores(self, start) -> None:
+        """The advantage model (``score = "advantage"``): RL maximises ``(s_k φ_yᵀg −
+        b(g))/σ_k``, ``b(g) = E_{π_start}[s_k φ_yᵀg]``, ``σ_k² = E_{g∈k}
+        Var_{π_start}[s_k φ_yᵀg]`` (QMC at the starting policy ``start``, ``(V, d)``).
+        A no-op for the raw reward."""
+        if self.objective.data != "prompts" or self.hyper.get("score") != "advantage":
+            return
+        start = torch.as_tensor(np.asarray(start, dtype=np.float64)).reshape(self.w0.shape)
+        cloud_t = self._cloud().transpose(1, 2)
+        task = (self.head @ cloud_t) * self.task_scale[:, None, None]  # (C, V, M)
+        probs = torch.softmax((self.w0 + start) @ cloud_t, dim=1)
+        var = ((probs * task**2).sum(1) - (probs * task).sum(1) ** 2).clamp_min(0).mean(-1)
+        per_k = (var * self.pi) @ self.members / self.pi_k  # (K,): E_{g∈k} Var_y
+        sigma = per_k.sqrt().clamp_min(1e-12) @ self.members.T  # (C,)
+        self.score_scale = self.task_scale / sigma
+        self.score_start, self._context = start, None
 
     def _drift_all(self, theta: torch.Tensor) -> torch.Tensor:
         """``−Σ_c π_c E_c[∂ℓ/∂logits gᵀ]`` ``(V, d)`` by QMC over the cloud."""
@@ -604,7 +639,8 @@ class PopulationFlow:
             probs = torch.softmax(logits, dim=1)
             rows.setdefault("objective/kl", []).append((probs * ratio).sum(1).mean(-1))
             if self.head is not None:
-                scores = (probs * (self.head @ cloud.transpose(1, 2))).sum(1).mean(-1)
+                task = (self.head @ cloud.transpose(1, 2)) * self.task_scale[:, None, None]
+                scores = (probs * task).sum(1).mean(-1)
                 rows.setdefault("objective/scores", []).append(scores)
                 rows.setdefault("objective/rlhf_reward", []).append(
                     scores - self.beta * rows["objective/kl"][-1])
@@ -666,9 +702,9 @@ def population_descent(
     shape = flow.shape
     start = np.zeros(shape) if delta0 is None else np.asarray(delta0, dtype=np.float64)
     if start.shape != shape:
-        from synthetic.validation import ParameterError
-
         raise ParameterError("delta0", start.shape, f"must have shape {shape}")
+    for f in {id(flow): flow, id(trainer): trainer}.values():
+        f.fix_scores(start)  # the advantage model's σ_k and b(g) at the phase's start
     if trainer.objective.view == "difference" and trainer.exact:
         step = trainer.drift_np  # the DPO family's fast path: NumPy, no reshaping
     else:

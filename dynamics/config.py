@@ -206,6 +206,8 @@ BEHAVIOR_KEYS: dict[str, Key] = {
     "cov_pos": Key(None, _any, "explicit Σ⁺: d×d nested list, a length-d list "
                    "(diagonal) or a number (times I)"),
     "cov_neg": Key(None, _any, "explicit Σ⁻ (same forms; default: cov_pos)"),
+    "reward_scale": Key(1.0, _num(gt=0), "RL: the reward of this behavior's prompts is "
+                        "reward_scale × φ_yᵀg (tasks whose rewards differ in scale)"),
 }
 
 PHASE_KEYS: dict[str, Key] = {
@@ -333,6 +335,11 @@ def _check_pretrain(config: dict) -> None:
                                  f"must be < model.vocab_size = {vocab}")
         filled.append(entry)
     table["components"] = filled
+
+
+def reward_scales_of(config: dict) -> np.ndarray:
+    """Each behavior's ``reward_scale`` (RL's task reward is it times ``φ_yᵀg``)."""
+    return np.array([b["reward_scale"] for b in config["problem"]["behaviors"]])
 
 
 def pretraining_of(config: dict):

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from dynamics.bounds import accuracy_lower_bound, loss_envelope, weight_change_bound
 from dynamics.config import (build_problem, dump_config, objective_name, phases_of,
-                             pretraining_of)
+                             pretraining_of, reward_scales_of)
 from dynamics.io import atomic_write_all, environment, resolve_device
 from dynamics.model import NO, YES, reference_weights
 from dynamics.phases import flipped_mixture, run_simulation, run_theory
@@ -187,7 +187,8 @@ def run_experiment(config: dict, *, progress: bool = True) -> pd.DataFrame:
             recorded, trajectories = run_theory(mixture, phases, beta=beta, reference=w0,
                                                 eval_every=every, progress=bar.update,
                                                 reward_head=model.get("reward_head"),
-                                                pretrain=pretrain, **flow)
+                                                pretrain=pretrain,
+                                                reward_scales=reward_scales_of(config), **flow)
             if theory["bounds"]:
                 for frame, trajectory in zip(recorded, _recorded(trajectories, phases)):
                     values = np.full((len(trajectory.steps), len(problem.names),
@@ -208,7 +209,8 @@ def run_experiment(config: dict, *, progress: bool = True) -> pd.DataFrame:
                                            eval_every=every, batch_size=train.get("batch_size"),
                                            progress=lambda k: bar.update(1),
                                            reward_head=model.get("reward_head"),
-                                           pretrain=pretrain, pretrain_n=pretrain_n)
+                                           pretrain=pretrain, pretrain_n=pretrain_n,
+                                           reward_scales=reward_scales_of(config))
         if theory["bounds"]:
             full_batch = train.get("batch_size", train["n"]) == train["n"]
             for frame, result in zip(recorded, _recorded(results, phases)):

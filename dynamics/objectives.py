@@ -464,6 +464,10 @@ _RLHF_HYPER = {
                              integer=True, only=_PPO),
     "vf_coef": Hyper(0.1, "the value head's step size as a multiple of lr", {"ge": 0},
                      only={"baseline": ("value",)}),
+    "score": Hyper("reward", "what RL maximises: the reward (times each behavior's "
+                   "reward_scale), or the advantage model's score: the reward minus its "
+                   "expectation under the phase's starting policy, each behavior scaled to "
+                   "unit variance", choices=("reward", "advantage")),
     "ptx_coef": Hyper(0.0, "γ of PPO-ptx: + γ·E_pretrain[−log π(y|g)] in the loss, on the "
                       "[pretrain] distribution", {"ge": 0}),
 }

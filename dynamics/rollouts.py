@@ -52,9 +52,9 @@ class RolloutEngine(_SoftmaxEngine):
     """REINFORCE and PPO on every row of the policy, every run at once (see the module
     docstring); evaluation is the softmax engine's (exact over the answers)."""
 
-    def __init__(self, data, train, obj, hyper, beta, lr, w0, theta, batch_size, seeds, head,
+    def __init__(self, data, train, obj, hyper, beta, lr, w0, theta, batch_size, seeds, rewards,
                  ptx=None):
-        super().__init__(data, train, obj, hyper, beta, lr, w0, theta, None, seeds, head, ptx)
+        super().__init__(data, train, obj, hyper, beta, lr, w0, theta, None, seeds, rewards, ptx)
         self.n = self.x.shape[1]
         self.size = hyper["rollout_size"] or self.n
         self.gens = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
@@ -93,11 +93,11 @@ class RolloutEngine(_SoftmaxEngine):
         else:
             rows = torch.arange(self.x.shape[0], device=idx.device)[:, None]
             xb = self.x[rows, idx]  # (S, B, d)
-            context = self.context(xb.transpose(1, 2))
+            context = self.context(idx)
         xb_t = xb.transpose(1, 2)
         logp_all = torch.log_softmax(self._logits(xb_t), dim=-2)  # (S, P, V, B): π_old
         answers = self._answers(logp_all.exp())[:, :, None]  # (S, P, 1, B)
-        pick = lambda t: t.expand(*answers.shape[:2], -1, -1).gather(  # noqa: E731
+        pick = lambda t: t.expand(answers.shape[0], answers.shape[1], -1, -1).gather(  # noqa: E731
             -2, answers).squeeze(-2)
         logp_old = logp_all.gather(-2, answers).squeeze(-2)  # (S, P, B)
         beta = context["beta"][..., 0]  # (1, P, 1)

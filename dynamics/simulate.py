@@ -123,6 +123,7 @@ def simulate_sample(
     reward_head: np.ndarray | torch.Tensor | None = None,
     pretrain=None,
     pretrain_n: int | None = None,
+    reward_scales=None,
 ) -> SimulationResult:
     """Train on a batched sample (``data.features`` of shape ``(S, n, d)``).
 
@@ -134,6 +135,10 @@ def simulate_sample(
     (default ``n``) that an objective with ``ptx_coef = γ > 0`` also trains on
     (``+γ·mean(−log π(y|g))`` in its loss), and a held-out draw of the same size on
     which every run reports the alignment tax ``pretrain/loss`` at each recorded step.
+    ``reward_scales`` (one factor per behavior, default 1) multiplies the reward of
+    each behavior's prompts: the task reward RL maximises and ``objective/scores``
+    reports (with ``score = "advantage"`` RL maximises the advantage model's score
+    instead, :class:`_Rewards`).
 
     ``train_behaviors`` (indices into ``data.names``; default all) restricts the
     training set to those behaviors' statements; metrics are still reported for
@@ -192,6 +197,8 @@ def simulate_sample(
             raise ParameterError("batch_size", batch_size,
                                  f"must be <= the {len(keep)} statements trained on")
     head = _reward_head(reward_head, obj, num_seeds, w0.shape[1], dim, dtype, device)
+    rewards = None if head is None else _Rewards(head, reward_scales, len(data.names),
+                                                 hyper.get("score", "reward"))
     sampled = obj.data == "prompts" and hyper["estimator"] != "exact"
     if sampled and batch_size is not None:
         raise ParameterError("batch_size", batch_size,
@@ -208,7 +215,7 @@ def simulate_sample(
         else:
             engine = _SoftmaxEngine
         run = engine(data, train, obj, hyper, beta_np, lr_np, w0, theta, batch_size, seeds,
-                     head, ptx)
+                     rewards, ptx)
     else:
         run = _MarginEngine(data, train, obj, hyper, beta_np, lr_np, w0, theta, batch_size,
                             seeds)
@@ -280,6 +287,53 @@ class _Pretrain:
     def gradient(self, logits: torch.Tensor) -> torch.Tensor:
         """``γ ∂(−log π(y|g))/∂logits`` at the training draw's logits ``(S, P, V, m)``."""
         return _SFT.logit_grad(logits, self.tokens).mul_(self.coef)
+
+
+class _Rewards:
+    """The reward an RL run sees on each prompt, from the frozen head ``Φ``.
+
+    The task reward of a prompt of behavior ``k`` is ``s_k φ_yᵀg`` (``s_k`` from
+    ``reward_scales``). With ``score = "advantage"`` (the advantage model of
+    "Stabilizing RLHF through Advantage Model and Selective Rehearsal", 2023) RL
+    maximises instead ``(s_k φ_yᵀg − b(g)) / σ_k``: the reward minus its expectation
+    ``b(g)`` under the phase's starting policy, each behavior's scores regulated to
+    unit variance, ``σ_k² = E_{g∈k} Var_{y~π_start}[s_k φ_yᵀg]`` (measured per seed on
+    its training prompts; the baseline leaves the exact gradient unchanged, the
+    scaling reweights the behaviors).
+    """
+
+    def __init__(self, head, scales, behaviors: int, score: str):
+        self.head, self.score = head, score  # (S or 1, V, d)
+        scales = np.ones(behaviors) if scales is None else np.asarray(scales, dtype=np.float64)
+        if scales.shape != (behaviors,):
+            raise ParameterError("reward_scales", scales.shape, f"must have {behaviors} "
+                                 "entries, one per behavior")
+        for k, value in enumerate(scales):
+            check_number(f"reward_scales.{k}", float(value), gt=0)
+        self.scales = torch.as_tensor(scales, dtype=head.dtype, device=head.device)
+        self.sd = None  # (S, P, K) once the advantage model is fixed
+
+    def task(self, x: torch.Tensor, behavior: torch.Tensor) -> torch.Tensor:
+        """``s_k φ_yᵀg`` ``(S, 1, V, n)`` for features ``(S, n, d)``."""
+        head = self.head.expand(x.shape[0], -1, -1)
+        return (torch.bmm(head, x.transpose(1, 2)) * self.scales[behavior])[:, None]
+
+    def trained(self, task: torch.Tensor, logits: torch.Tensor, behavior: torch.Tensor,
+                behaviors: int) -> torch.Tensor:
+        """What RL maximises on these prompts, given the starting policy's logits
+        ``(S, P, V, n)``: the task reward, or the advantage model's score (its σ_k
+        fixed by the first call, on the training prompts)."""
+        if self.score == "reward":
+            return task
+        probs = torch.softmax(logits, dim=-2)
+        base = (probs * task).sum(-2, keepdim=True)  # (S, P, 1, n): b(g)
+        if self.sd is None:
+            var = (probs * task**2).sum(-2) - base[:, :, 0] ** 2  # (S, P, n)
+            sums = torch.zeros(*var.shape[:2], behaviors, dtype=var.dtype, device=var.device)
+            sums.index_add_(2, behavior, var.clamp_min(0))
+            counts = torch.bincount(behavior, minlength=behaviors).to(var.dtype)
+            self.sd = (sums / counts).sqrt().clamp_min(1e-12)  # (S, P, K)
+        return (task - base) / self.sd[..., behavior][:, :, None]
 
 
 def _reward_head(head, obj, num_seeds, vocab, dim, dtype, device) -> torch.Tensor | None:
@@ -413,14 +467,14 @@ class _SoftmaxEngine:
     """
 
     def __init__(self, data, train, obj, hyper, beta, lr, w0, theta, batch_size, seeds,
-                 head=None, ptx=None):
+                 rewards=None, ptx=None):
         x, s = data.features, data.signs
         num_seeds, _, dim = x.shape
         n = train.features.shape[1]
         dtype, device = x.dtype, x.device
         self.obj, self.hyper, self.shape = obj, hyper, theta.shape  # (S, P, V, d)
         self.w0 = w0[:, None]  # (S or 1, 1, V, d)
-        self.head = head  # (S or 1, V, d) or None
+        self.rewards = rewards  # _Rewards or None
         vocab = w0.shape[1]
         self.x_t = x.transpose(1, 2)
         self.eval_chosen = torch.where(s > 0, YES, NO)[:, None, None, :]  # (S, 1, 1, n): y_w
@@ -431,11 +485,22 @@ class _SoftmaxEngine:
         self.beta = torch.as_tensor(beta, dtype=dtype, device=device).view(1, -1, 1, 1)
         self.scale = (-lr_t / (batch_size or n)).repeat_interleave(vocab)[:, None]  # (P·V, 1)
         self.weights = (theta + self.w0).reshape(num_seeds, -1, dim)  # (S, P·V, d)
+        self.full_context, eval_rewards = {}, None
+        if rewards is not None:
+            k = len(data.names)
+            task = rewards.task(self.x, train.behavior)
+            trained = rewards.trained(task, self._logits(self.x.transpose(1, 2)),
+                                      train.behavior, k)
+            w0_all = self.w0[:, 0].expand(num_seeds, -1, -1)
+            self.full_context = {"reference": torch.bmm(w0_all, self.x.transpose(1, 2))[:, None],
+                                 "rewards": trained, "beta": self.beta}
+            eval_task = rewards.task(x, data.behavior)
+            eval_rewards = (eval_task, rewards.trained(eval_task, self._logits(self.x_t),
+                                                       data.behavior, k))
         self.evaluator = _Evaluator(data, x * s[..., None], w0, obj, {},
                                     torch.as_tensor(beta, dtype=dtype, device=device)[:, None],
-                                    vocab, head)
+                                    vocab, eval_rewards)
         self.batches = _BatchStream(seeds, n, batch_size, device) if batch_size else None
-        self.full_context = self.context(self.x.transpose(1, 2))
         self.ptx = ptx if ptx is not None and ptx.coef > 0 else None
 
     def policy(self) -> torch.Tensor:
@@ -451,15 +516,15 @@ class _SoftmaxEngine:
                                        / self.ptx.x.shape[1])
         return rows, self.ptx.x
 
-    def context(self, x_t: torch.Tensor) -> dict[str, torch.Tensor]:
-        """What an RL objective reads besides the logits, for prompts ``x_t``
-        ``(S, d, B)``: reference logits and rewards ``(S, 1, V, B)``, ``β`` ``(1, P, 1, 1)``."""
-        if self.obj.data != "prompts":
+    def context(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What an RL objective reads besides the logits, for the training prompts
+        ``idx`` ``(S, B)``: reference logits ``(S, 1, V, B)``, rewards ``(S, 1 or P, V, B)``
+        and ``β`` ``(1, P, 1, 1)``."""
+        if not self.full_context:
             return {}
-        w0 = self.w0[:, 0].expand(x_t.shape[0], -1, -1)
-        head = self.head.expand(x_t.shape[0], -1, -1)
-        return {"reference": torch.bmm(w0, x_t)[:, None], "rewards": torch.bmm(head, x_t)[:, None],
-                "beta": self.beta}
+        return {key: value if key == "beta" else value.gather(
+            -1, idx[:, None, None].expand(-1, value.shape[1], value.shape[2], -1))
+            for key, value in self.full_context.items()}
 
     def theta(self) -> torch.Tensor:
         """``D = W − W0`` ``(S, P, V, d)``."""
@@ -483,7 +548,7 @@ class _SoftmaxEngine:
             rows = torch.arange(self.x.shape[0], device=idx.device)[:, None]
             xb = self.x[rows, idx]
             chosen = self.chosen[:, 0, 0][rows, idx][:, None, None]
-            context = self.context(xb.transpose(1, 2))
+            context = self.context(idx)
         coef = self.obj.logit_grad(self._logits(xb.transpose(1, 2)), chosen,
                                    **context)  # (S, P, V, B)
         ptx = self._ptx_step()
@@ -514,7 +579,7 @@ class _Evaluator:
       logits.
     """
 
-    def __init__(self, data, xs, w0, obj, hyper, beta, rows, head=None):
+    def __init__(self, data, xs, w0, obj, hyper, beta, rows, rewards=None):
         x, s, behavior = data.features, data.signs, data.behavior
         num_seeds, n, _ = x.shape
         num_configs = beta.shape[0]
@@ -525,9 +590,13 @@ class _Evaluator:
         self.order = None if bool((order == torch.arange(n, device=x.device)).all()) else order
         if self.order is not None:
             x, s, xs, agree = x[:, order], s[:, order], xs[:, order], agree[:, order]
-        # the frozen reward head's r(g, y) (S, 1, V, n), where RL metrics are asked for
-        self.rewards = (None if head is None
-                        else (x @ head.transpose(1, 2)).transpose(1, 2)[:, None])
+        # RL: the task reward (S, 1, V, n) for objective/scores and the trained score
+        # (S, 1 or P, V, n) for the loss, in the evaluation order
+        self.rewards = self.loss_rewards = None
+        if rewards is not None:
+            self.rewards, self.loss_rewards = (r if self.order is None
+                                               else r.index_select(-1, self.order)
+                                               for r in rewards)
         counts = torch.bincount(behavior, minlength=len(data.names))
         self.counts = counts.tolist()
         self.inverse_counts = 1 / counts.to(x.dtype)  # (K,): an empty behavior gives NaN means
@@ -639,7 +708,7 @@ class _Evaluator:
             chosen = chosen.index_select(-1, self.order)
         loss, acc, racc, chosen_r, rejected_r = self.buffer[:5]
         logits = self.logits0 + change
-        context = ({"reference": self.logits0, "rewards": self.rewards,
+        context = ({"reference": self.logits0, "rewards": self.loss_rewards,
                     "beta": self.beta.view(-1, 1, 1)} if self.obj.data == "prompts" else {})
         loss.copy_(self.obj.logit_loss(logits, chosen, **context))
         shift = torch.logsumexp(logits, dim=-2, keepdim=True) - self.log_z0  # (S, P, 1, n)

@@ -441,3 +441,87 @@ def test_bad_pretraining_components(component, key, rule):
     with pytest.raises(ParameterError) as info:
         load_config(None, [], text=text)
     assert key in str(info.value) and rule in str(info.value)
+
+
+# ======================================================== reward scales and the advantage model
+
+def scaled_sample(seeds, n=60):
+    return sample_batch(problem(), n, seeds, dtype=torch.float64)
+
+
+def test_reward_scales_multiply_each_behaviors_reward_against_a_naive_loop():
+    """Exact RL with behavior ``a``'s reward ×4: autograd on the full matrix."""
+    data = scaled_sample([2])
+    scales = np.array([4.0, 1.0])
+    beta, lr, steps = 0.8, 0.3, 4
+    sim = simulate_sample(data, seeds=[2], beta=beta, lr=lr, steps=steps, reference=W0,
+                          objective=rl(), reward_head=HEAD3, delta0=START, keep_deltas=True,
+                          reward_scales=scales)
+    g, w0 = data.features[0], torch.as_tensor(W0)
+    task = (g @ torch.as_tensor(HEAD3).T) * torch.as_tensor(scales)[data.behavior][:, None]
+    w = (w0 + torch.as_tensor(START)).requires_grad_()
+    for k in range(steps + 1):
+        assert_close(sim.deltas[k, 0, 0], w.detach() - w0, CLOSED_FORM)
+        logp, logp0 = torch.log_softmax(g @ w.T, -1), torch.log_softmax(g @ w0.T, -1)
+        scores = (logp.exp() * task).sum(-1)
+        for i in range(2):
+            assert_close(sim.per_behavior["objective/scores"][k, 0, 0, i],
+                         scores[data.behavior == i].mean(), CLOSED_FORM)
+        loss = -(scores - beta * (logp.exp() * (logp - logp0)).sum(-1)).mean()
+        (grad,) = torch.autograd.grad(loss, w)
+        with torch.no_grad():
+            w -= lr * grad
+
+
+def test_the_advantage_model_regulates_each_behaviors_scores():
+    """At the start, the score ``(s_k r − b(g))/σ_k`` has mean 0 per prompt and unit
+    variance per behavior under the starting policy; the exact flow with it equals the
+    one on ``s_k r/σ_k`` (a per-prompt baseline does not move the exact gradient)."""
+    data = scaled_sample([0, 1], n=400)
+    scales = np.array([10.0, 1.0])
+    sim = simulate_sample(data, seeds=[0, 1], beta=0.7, lr=0.2, steps=3, reference=W0,
+                          objective=rl(score="advantage"), reward_head=HEAD3, delta0=START,
+                          keep_deltas=True, reward_scales=scales)
+    # recompute σ_k naively and check the run equals raw RL on the rescaled head
+    g, w0 = data.features, torch.as_tensor(W0)
+    probs = torch.softmax(g @ (w0 + torch.as_tensor(START)).T, -1)  # (S, n, V)
+    task = (g @ torch.as_tensor(HEAD3).T) * torch.as_tensor(scales)[data.behavior][:, None]
+    var = (probs * task**2).sum(-1) - (probs * task).sum(-1) ** 2  # (S, n)
+    sigma = torch.stack([var[:, data.behavior == i].mean(1) for i in range(2)], 1).sqrt()
+    assert sigma[0, 0] > 5 * sigma[0, 1]  # the scales differ, then are regulated away
+    for seed in range(2):
+        rescaled = simulate_sample(
+            dataclass_seed(data, seed), seeds=[seed], beta=0.7, lr=0.2, steps=3, reference=W0,
+            objective=rl(), reward_head=HEAD3, delta0=START, keep_deltas=True,
+            reward_scales=(torch.as_tensor(scales) / sigma[seed]).numpy())
+        assert_close(sim.deltas[:, seed], rescaled.deltas[:, 0], CLOSED_FORM)
+    # theory: the same identity, and the flow's σ_k against the sample's (QMC vs MC)
+    mixture = population_mixture(problem())
+    common = dict(beta=0.7, lr=0.2, steps=20, reference=W0, reward_head=HEAD3, delta0=START,
+                  reward_scales=scales, eval_every=10, qmc_points=2**14)
+    adv = population_descent(mixture, objective=rl(score="advantage"), **common)
+    f = PopulationFlow(mixture, beta=0.7, reference=W0, objective=rl(score="advantage"),
+                       reward_head=HEAD3, reward_scales=scales, qmc_points=2**14)
+    f.fix_scores(START)
+    per_k = (f.task_scale / f.score_scale).numpy()[[list(mixture.behavior).index(i)
+                                                     for i in range(2)]]
+    assert_close(per_k, sigma.mean(0).numpy(), 0.1)  # the population σ_k, within sampling
+    raw = population_descent(mixture, objective=rl(), **{**common, "reward_scales": scales / per_k})
+    assert_close(adv.deltas, raw.deltas, QMC)
+
+
+def dataclass_seed(data, seed):
+    return PreferenceSample(data.features[seed:seed + 1], data.signs[seed:seed + 1],
+                            data.true_signs[seed:seed + 1], data.behavior, data.names)
+
+
+def test_reward_scale_is_a_behavior_key_and_reaches_the_run():
+    from dynamics.config import load_config, reward_scales_of
+
+    text = ("[problem]\ndim = 3\n[[problem.behaviors]]\nname = \"a\"\ndistinguishability = 1.0\n"
+            "reward_scale = 5.0\n[[problem.behaviors]]\nname = \"b\"\ndistinguishability = 2.0\n"
+            "[model]\nreward_head = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]\n"
+            "[train]\nobjective = { name = \"rlhf\", score = \"advantage\" }\n")
+    assert list(reward_scales_of(load_config(None, [], text=text))) == [5.0, 1.0]
+    with pytest.raises(ParameterError, match="problem.behaviors.0.reward_scale = 0"):
+        load_config(None, ["problem.behaviors.0.reward_scale=0"], text=text)
