@@ -130,7 +130,7 @@ class PopulationFlow:
                                  f"shape {tuple(self.w0.shape)}")
         self._context = None
         # RL's reward per component: the task reward s_k φ_yᵀg (reward_scales), or the
-        # advantage model's score once fix_scores has seen the starting policy
+        # advantage model's score once fix_start has seen the starting policy
         scales = (np.ones(mixture.num_behaviors) if reward_scales is None
                   else np.asarray(reward_scales, dtype=np.float64))
         if scales.shape != (mixture.num_behaviors,) or np.any(scales <= 0):
@@ -139,6 +139,7 @@ class PopulationFlow:
         self.task_scale = t(scales[mixture.behavior])  # (C,): s_k of each component
         self.score_scale = self.task_scale.clone()  # (C,): what multiplies φ_yᵀg in training
         self.score_start = None  # the advantage model's starting policy (V, d)
+        self._rl_mask = None  # selective rehearsal: 1 on RL's points (C, 1, M), fix_start
         # PPO-ptx's pretraining distribution (synthetic.pretrain.Pretraining): QMC points
         self.ptx_coef = float(self.hyper.get("ptx_coef", 0.0))
         if pretrain is None and self.ptx_coef > 0:
@@ -371,7 +372,8 @@ class PopulationFlow:
     def exact_rlhf(self) -> bool:
         """Whether the RL drift is exact (two answers, Gaussian classes): see
         :meth:`_drift_rlhf`; otherwise it is QMC over the cloud."""
-        return self.w0.shape[0] == 2 and self.family.name == "gaussian"
+        return (self.w0.shape[0] == 2 and self.family.name == "gaussian"
+                and self.hyper.get("rehearsal", "none") == "none")
 
     def _drift_rlhf(self, theta: np.ndarray) -> np.ndarray:
         """The exact policy gradient of ``J`` for two answers (THEORY §3.1), ``(2, d)``.
@@ -459,27 +461,49 @@ class PopulationFlow:
             self._context = {"reference": self.w0 @ cloud_t, "rewards": rewards}
         return {**self._context, "beta": self.beta}
 
-    def fix_scores(self, start) -> None:
-        """The advantage model (``score = "advantage"``): RL maximises ``(s_k φ_yᵀg −
-        b(g))/σ_k``, ``b(g) = E_{π_start}[s_k φ_yᵀg]``, ``σ_k² = E_{g∈k}
-        Var_{π_start}[s_k φ_yᵀg]`` (QMC at the starting policy ``start``, ``(V, d)``).
-        A no-op for the raw reward."""
-        if self.objective.data != "prompts" or self.hyper.get("score") != "advantage":
+    def fix_start(self, start) -> None:
+        """What RL fixes at the phase's starting policy ``start`` ``(V, d)`` (QMC):
+
+        * the advantage model (``score = "advantage"``): RL maximises ``(s_k φ_yᵀg −
+          b(g))/σ_k``, ``b(g) = E_{π_start}[s_k φ_yᵀg]``, ``σ_k² = E_{g∈k}
+          Var_{π_start}[s_k φ_yᵀg]``;
+        * selective rehearsal: the prompts with ``b(g) < select_below`` (not yet
+          answered well) are RL's, the others rehearse the demonstrations.
+
+        A no-op for other objectives and for the raw reward without rehearsal."""
+        if self.objective.data != "prompts":
             return
         start = torch.as_tensor(np.asarray(start, dtype=np.float64)).reshape(self.w0.shape)
         cloud_t = self._cloud().transpose(1, 2)
         task = (self.head @ cloud_t) * self.task_scale[:, None, None]  # (C, V, M)
         probs = torch.softmax((self.w0 + start) @ cloud_t, dim=1)
+        if self.hyper.get("rehearsal", "none") == "selective":
+            below = (probs * task).sum(1, keepdim=True) < self.hyper["select_below"]
+            self._rl_mask = below.to(torch.float64)  # (C, 1, M)
+            self._context = None
+        if self.hyper.get("score") != "advantage":
+            return
         var = ((probs * task**2).sum(1) - (probs * task).sum(1) ** 2).clamp_min(0).mean(-1)
         per_k = (var * self.pi) @ self.members / self.pi_k  # (K,): E_{g∈k} Var_y
         sigma = per_k.sqrt().clamp_min(1e-12) @ self.members.T  # (C,)
         self.score_scale = self.task_scale / sigma
         self.score_start, self._context = start, None
 
+    def _rehearsed(self, value, logits, chosen, sft):
+        """Selective rehearsal: RL's ``value`` on its prompts, ``γ_r ×`` the imitation
+        term ``sft(logits, chosen)`` on the others (unchanged without rehearsal)."""
+        if self.hyper.get("rehearsal", "none") != "selective":
+            return value
+        if self._rl_mask is None:  # no start fixed: the reference
+            self.fix_start(np.zeros(tuple(self.w0.shape)))
+        mask = self._rl_mask if value.dim() == 3 else self._rl_mask[:, 0]
+        return value * mask + (1 - mask) * self.hyper["rehearsal_coef"] * sft(logits, chosen)
+
     def _drift_all(self, theta: torch.Tensor) -> torch.Tensor:
         """``−Σ_c π_c E_c[∂ℓ/∂logits gᵀ]`` ``(V, d)`` by QMC over the cloud."""
         logits, chosen = self._cloud_logits(theta)
         coef = self.objective.logit_grad(logits, chosen, **self._cloud_context())  # (C, V, M)
+        coef = self._rehearsed(coef, logits, chosen, OBJECTIVES["sft"].logit_grad)
         cloud = self._cloud()
         per_c = coef @ cloud / cloud.shape[1]  # (C, V, d)
         return -self.objective.gain * torch.einsum("c,cvd->vd", self.pi, per_c)
@@ -634,7 +658,9 @@ class PopulationFlow:
         context = self._cloud_context()
         for theta in thetas:
             logits, chosen = self._cloud_logits(theta)
-            rows["loss"].append(self.objective.logit_loss(logits, chosen, **context).mean(-1))
+            loss = self.objective.logit_loss(logits, chosen, **context)
+            loss = self._rehearsed(loss, logits, chosen, OBJECTIVES["sft"].logit_loss)
+            rows["loss"].append(loss.mean(-1))
             ratio = torch.log_softmax(logits, dim=1) - log_pi0  # (C, V, M): log π/π0
             probs = torch.softmax(logits, dim=1)
             rows.setdefault("objective/kl", []).append((probs * ratio).sum(1).mean(-1))
@@ -704,7 +730,7 @@ def population_descent(
     if start.shape != shape:
         raise ParameterError("delta0", start.shape, f"must have shape {shape}")
     for f in {id(flow): flow, id(trainer): trainer}.values():
-        f.fix_scores(start)  # the advantage model's σ_k and b(g) at the phase's start
+        f.fix_start(start)  # the advantage model's σ_k and b(g) at the phase's start
     if trainer.objective.view == "difference" and trainer.exact:
         step = trainer.drift_np  # the DPO family's fast path: NumPy, no reshaping
     else:

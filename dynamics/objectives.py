@@ -468,6 +468,14 @@ _RLHF_HYPER = {
                    "reward_scale), or the advantage model's score: the reward minus its "
                    "expectation under the phase's starting policy, each behavior scaled to "
                    "unit variance", choices=("reward", "advantage")),
+    "rehearsal": Hyper("none", "selective rehearsal: RL only on the prompts the phase's "
+                       "starting policy does not answer well (expected reward < select_below), "
+                       "imitation of the chosen answer on the others", choices=("none",
+                                                                                "selective")),
+    "select_below": Hyper(0.0, "the expected-reward threshold of selective rehearsal",
+                          only={"rehearsal": ("selective",)}),
+    "rehearsal_coef": Hyper(1.0, "weight of the rehearsed prompts' imitation loss", {"ge": 0},
+                            only={"rehearsal": ("selective",)}),
     "ptx_coef": Hyper(0.0, "γ of PPO-ptx: + γ·E_pretrain[−log π(y|g)] in the loss, on the "
                       "[pretrain] distribution", {"ge": 0}),
 }

@@ -164,6 +164,8 @@ class RolloutEngine(_SoftmaxEngine):
             ratio_all = logp - torch.log_softmax(context["reference"], dim=-2)
             kl = (probs * ratio_all).sum(-2, keepdim=True)
             coef = coef + context["beta"] * probs * (ratio_all - kl)
+        if "mask" in context:  # selective rehearsal: imitation on the prompts RL leaves
+            coef = self.rehearse(coef, logp, context)
         size = x_m.shape[1]
         ptx = self._ptx_step()  # PPO-ptx: the pretraining term at every update
         self.weights.baddbmm_(coef.flatten(1, 2) * (self.scale_rows / size), x_m)

@@ -497,6 +497,12 @@ class _SoftmaxEngine:
             eval_task = rewards.task(x, data.behavior)
             eval_rewards = (eval_task, rewards.trained(eval_task, self._logits(self.x_t),
                                                        data.behavior, k))
+            if hyper.get("rehearsal", "none") == "selective":
+                # RL on the prompts the starting policy answers below select_below in
+                # expected task reward; the others rehearse their demonstrations
+                self.full_context["mask"] = self._rl_mask(task, self.x.transpose(1, 2))
+                self.full_context["chosen"] = self.chosen
+                eval_rewards += (self._rl_mask(eval_task, self.x_t), hyper["rehearsal_coef"])
         self.evaluator = _Evaluator(data, x * s[..., None], w0, obj, {},
                                     torch.as_tensor(beta, dtype=dtype, device=device)[:, None],
                                     vocab, eval_rewards)
@@ -515,6 +521,27 @@ class _SoftmaxEngine:
         rows = coef.flatten(1, 2).mul_(-self.lr.repeat_interleave(self.shape[2])[:, None]
                                        / self.ptx.x.shape[1])
         return rows, self.ptx.x
+
+    def _rl_mask(self, task: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
+        """``1[E_{π_start}[r(g, ·)] < select_below]`` ``(S, P, 1, n)`` (selective rehearsal)."""
+        probs = torch.softmax(self._logits(x_t), dim=-2)
+        expected = (probs * task).sum(-2, keepdim=True)
+        return (expected < self.hyper["select_below"]).to(task.dtype)
+
+    def objective_grad(self, logits, chosen, context) -> torch.Tensor:
+        """``∂ℓ/∂logits`` of the objective, with selective rehearsal's imitation term on
+        the prompts RL leaves (``context["mask"] = 0``)."""
+        keys = ("reference", "rewards", "beta")
+        coef = self.obj.logit_grad(logits, chosen, **{k: context[k] for k in keys
+                                                      if k in context})
+        if "mask" in context:
+            coef = self.rehearse(coef, logits, context)
+        return coef
+
+    def rehearse(self, coef, logits, context) -> torch.Tensor:
+        mask = context["mask"]
+        sft = _SFT.logit_grad(logits, context["chosen"]).mul_(self.hyper["rehearsal_coef"])
+        return coef * mask + (1 - mask) * sft
 
     def context(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
         """What an RL objective reads besides the logits, for the training prompts
@@ -549,8 +576,8 @@ class _SoftmaxEngine:
             xb = self.x[rows, idx]
             chosen = self.chosen[:, 0, 0][rows, idx][:, None, None]
             context = self.context(idx)
-        coef = self.obj.logit_grad(self._logits(xb.transpose(1, 2)), chosen,
-                                   **context)  # (S, P, V, B)
+        coef = self.objective_grad(self._logits(xb.transpose(1, 2)), chosen,
+                                   context)  # (S, P, V, B)
         ptx = self._ptx_step()
         self.weights.baddbmm_(coef.flatten(1, 2).mul_(self.scale), xb)
         if ptx is not None:
@@ -592,11 +619,13 @@ class _Evaluator:
             x, s, xs, agree = x[:, order], s[:, order], xs[:, order], agree[:, order]
         # RL: the task reward (S, 1, V, n) for objective/scores and the trained score
         # (S, 1 or P, V, n) for the loss, in the evaluation order
-        self.rewards = self.loss_rewards = None
+        self.rewards = self.loss_rewards = self.rl_mask = None
         if rewards is not None:
-            self.rewards, self.loss_rewards = (r if self.order is None
-                                               else r.index_select(-1, self.order)
-                                               for r in rewards)
+            ordered = [r if self.order is None else r.index_select(-1, self.order)
+                       for r in rewards[:3]]
+            self.rewards, self.loss_rewards = ordered[:2]
+            if len(rewards) > 2:  # selective rehearsal: RL's prompts, the imitation weight
+                self.rl_mask, self.rehearsal_coef = ordered[2], rewards[3]
         counts = torch.bincount(behavior, minlength=len(data.names))
         self.counts = counts.tolist()
         self.inverse_counts = 1 / counts.to(x.dtype)  # (K,): an empty behavior gives NaN means
@@ -710,7 +739,12 @@ class _Evaluator:
         logits = self.logits0 + change
         context = ({"reference": self.logits0, "rewards": self.loss_rewards,
                     "beta": self.beta.view(-1, 1, 1)} if self.obj.data == "prompts" else {})
-        loss.copy_(self.obj.logit_loss(logits, chosen, **context))
+        value = self.obj.logit_loss(logits, chosen, **context)
+        if self.rl_mask is not None:
+            mask = self.rl_mask[:, :, 0]
+            value = value * mask + (1 - mask) * self.rehearsal_coef * _SFT.logit_loss(logits,
+                                                                                     chosen)
+        loss.copy_(value)
         shift = torch.logsumexp(logits, dim=-2, keepdim=True) - self.log_z0  # (S, P, 1, n)
         logp = change - shift  # log π/π0 (S, P, V, n)
         s = self.s

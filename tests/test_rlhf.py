@@ -525,3 +525,71 @@ def test_reward_scale_is_a_behavior_key_and_reaches_the_run():
     assert list(reward_scales_of(load_config(None, [], text=text))) == [5.0, 1.0]
     with pytest.raises(ParameterError, match="problem.behaviors.0.reward_scale = 0"):
         load_config(None, ["problem.behaviors.0.reward_scale=0"], text=text)
+
+
+# ============================================================================ selective rehearsal
+
+def test_selective_rehearsal_equals_a_naive_autograd_loop():
+    """RL on the prompts whose expected reward under the starting policy is below the
+    threshold, ``γ_r·(−log π(y_w))`` on the others: autograd on the full matrix."""
+    data = scaled_sample([5], n=80)
+    beta, lr, steps, gamma, tau = 0.8, 0.4, 5, 0.6, 0.1
+    sim = simulate_sample(data, seeds=[5], beta=beta, lr=lr, steps=steps, reference=W0,
+                          objective=rl(rehearsal="selective", select_below=tau,
+                                       rehearsal_coef=gamma),
+                          reward_head=HEAD3, delta0=START, keep_deltas=True)
+    g, s, w0 = data.features[0], data.signs[0], torch.as_tensor(W0)
+    task = g @ torch.as_tensor(HEAD3).T
+    chosen = torch.where(s > 0, YES, NO)
+    start = w0 + torch.as_tensor(START)
+    rl_prompt = ((torch.softmax(g @ start.T, -1) * task).sum(-1) < tau).double()
+    assert 0.2 < float(rl_prompt.mean()) < 0.8  # both kinds of prompt present
+    w = start.clone().requires_grad_()
+    for k in range(steps + 1):
+        logp, logp0 = torch.log_softmax(g @ w.T, -1), torch.log_softmax(g @ w0.T, -1)
+        ret = (logp.exp() * (task - beta * (logp - logp0))).sum(-1)
+        per = rl_prompt * -ret + (1 - rl_prompt) * gamma * -logp[torch.arange(len(s)), chosen]
+        assert_close(sim.deltas[k, 0, 0], w.detach() - w0, CLOSED_FORM)
+        for i in range(2):
+            assert_close(sim.per_behavior["loss"][k, 0, 0, i], per[data.behavior == i].mean(),
+                         CLOSED_FORM)
+        (grad,) = torch.autograd.grad(per.mean(), w)
+        with torch.no_grad():
+            w -= lr * grad
+
+
+@pytest.mark.parametrize("estimator", ["exact", "ppo"])
+def test_rehearsal_limits(estimator):
+    """A threshold above every prompt's expected reward is plain RL; below every one,
+    imitation of the demonstrations (SFT) at ``lr·γ_r``."""
+    data = scaled_sample([0, 1], n=50)
+    common = dict(seeds=[0, 1], beta=0.8, steps=4, reference=W0, delta0=START,
+                  keep_deltas=True)
+    hyper = dict(estimator=estimator) if estimator == "exact" else dict(
+        estimator="ppo", num_minibatches=2)
+    plain = simulate_sample(data, objective=rl(**hyper), reward_head=HEAD3, lr=0.3, **common)
+    all_rl = simulate_sample(data, objective=rl(rehearsal="selective", select_below=1e9, **hyper),
+                             reward_head=HEAD3, lr=0.3, **common)
+    assert_close(all_rl.deltas, plain.deltas, CLOSED_FORM)
+    if estimator == "exact":
+        none_rl = simulate_sample(data, objective=rl(rehearsal="selective", select_below=-1e9,
+                                                     rehearsal_coef=0.5),
+                                  reward_head=HEAD3, lr=0.3, **common)
+        sft = simulate_sample(data, objective="sft", lr=0.15, **common)
+        assert_close(none_rl.deltas, sft.deltas, CLOSED_FORM)
+
+
+@pytest.mark.agreement
+def test_rehearsal_flow_agrees_with_simulation():
+    mixture = population_mixture(problem())
+    hyper = dict(rehearsal="selective", select_below=0.1, rehearsal_coef=0.6)
+    common = dict(beta=0.8, lr=0.3, steps=30, reference=W0, objective=rl(**hyper),
+                  reward_head=HEAD3, delta0=START, eval_every=10)
+    theory = population_descent(mixture, qmc_points=2**14, **common)
+    seeds = list(range(24))
+    sim = simulate_sample(sample_batch(problem(), 3000, seeds, dtype=torch.float64), seeds=seeds,
+                          **common)
+    for name in ("loss", "accuracy", "objective/rlhf_reward"):
+        errs = sim.per_behavior[name][:, :, 0] - theory.per_behavior[name][:, None]
+        assert_close(errs.mean(1), 0.0, 1.0, scale=mc_tolerance(errs.std(1, ddof=1), len(seeds))
+                     + QMC, err_msg=name)
