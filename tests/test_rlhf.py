@@ -502,7 +502,7 @@ def test_the_advantage_model_regulates_each_behaviors_scores():
     adv = population_descent(mixture, objective=rl(score="advantage"), **common)
     f = PopulationFlow(mixture, beta=0.7, reference=W0, objective=rl(score="advantage"),
                        reward_head=HEAD3, reward_scales=scales, qmc_points=2**14)
-    f.fix_scores(START)
+    f.fix_start(START)
     per_k = (f.task_scale / f.score_scale).numpy()[[list(mixture.behavior).index(i)
                                                      for i in range(2)]]
     assert_close(per_k, sigma.mean(0).numpy(), 0.1)  # the population σ_k, within sampling
