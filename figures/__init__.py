@@ -47,6 +47,13 @@ FIGURES: dict[str, Figure] = {
     "objectives": Figure(8, "Every objective on one problem: the priority effect, and DPO's "
                          "relatives under label noise", "objectives",
                          ("objectives_priority.toml", "objectives_noise.toml")),
+    "rlhf_priority": Figure(9, "The priority effect under RLHF: reward model, RL on its "
+                            "head, and DPO on one problem", "rlhf_priority",
+                            ("rlhf_priority.toml",)),
+    "rlhf_vs_dpo": Figure(10, "DPO against RLHF: β, label noise, a separable sample, and "
+                          "what sampling the answers costs", "rlhf_vs_dpo",
+                          ("rlhf_vs_dpo_beta.toml", "rlhf_vs_dpo_separable.toml",
+                           "rlhf_vs_dpo_estimators.toml")),
 }
 
 
