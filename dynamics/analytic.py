@@ -731,13 +731,20 @@ def population_descent(
         raise ParameterError("delta0", start.shape, f"must have shape {shape}")
     for f in {id(flow): flow, id(trainer): trainer}.values():
         f.fix_start(start)  # the advantage model's σ_k and b(g) at the phase's start
+    # PPO makes ppo_epochs × num_minibatches updates of lr per rollout: its theory is the
+    # exact flow taking as many steps per recorded step (the limit of unbounded rollouts
+    # and small steps, where the ratio stays near 1 and nothing is clipped)
+    hyper = trainer.hyper
+    updates = (hyper["ppo_epochs"] * hyper["num_minibatches"]
+               if hyper.get("estimator") == "ppo" else 1)
     if trainer.objective.view == "difference" and trainer.exact:
         step = trainer.drift_np  # the DPO family's fast path: NumPy, no reshaping
     else:
         step = lambda v: trainer.drift(v.reshape(shape)).numpy().reshape(-1)  # noqa: E731
     if continuous:
         sol = integrate.solve_ivp(
-            lambda _, y: step(y), (0.0, lr * steps), start.reshape(-1), t_eval=lr * record,
+            lambda _, y: step(y), (0.0, lr * updates * steps), start.reshape(-1),
+            t_eval=lr * updates * record,
             method="DOP853", rtol=1e-10, atol=1e-12,
         )
         if not sol.success:
@@ -749,7 +756,7 @@ def population_descent(
         for k in range(steps + 1):
             if k in wanted:
                 kept.append(current.copy())
-            if k < steps:
+            for _ in range(updates if k < steps else 0):
                 current = current + lr * step(current)
         deltas = np.stack(kept)
     deltas = deltas.reshape((len(record),) + shape)

@@ -367,8 +367,11 @@ def _check_reward_heads(config: dict) -> None:
               enumerate(train["phases"])] if "phases" in train
              else [("train.objective", train["objective"])])
     for path, spec in specs:
-        obj, _ = resolve_objective(spec, path=path)
+        obj, hyper = resolve_objective(spec, path=path)
         have = have or obj.block == "reward"
+        if hyper.get("rollout_size", 0) > train["n"]:
+            raise ParameterError(f"{path}.rollout_size", hyper["rollout_size"],
+                                 f"must be <= train.n = {train['n']} (the prompts of a seed)")
         if obj.data == "prompts" and not have:
             raise ParameterError(path, obj.name, "needs a reward head: a reward_model (or "
                                  "binary) phase before it, or model.reward_head")

@@ -593,3 +593,57 @@ def test_rehearsal_flow_agrees_with_simulation():
         errs = sim.per_behavior[name][:, :, 0] - theory.per_behavior[name][:, None]
         assert_close(errs.mean(1), 0.0, 1.0, scale=mc_tolerance(errs.std(1, ddof=1), len(seeds))
                      + QMC, err_msg=name)
+
+
+@pytest.mark.agreement
+def test_ppo_agrees_with_the_flow_taking_its_updates_per_step():
+    """PPO's theory is the exact flow making ``ppo_epochs × num_minibatches`` steps of lr
+    per rollout; full-rollout PPO on 16 seeds stays within Z·sd/√S of it."""
+    mixture = population_mixture(problem())
+    common = dict(beta=0.8, lr=0.2, steps=40, reference=W0, reward_head=HEAD3, delta0=START,
+                  eval_every=10, objective=rl(estimator="ppo", baseline="value", ppo_epochs=2,
+                                              num_minibatches=2))
+    theory = population_descent(mixture, qmc_points=2**14, **common)
+    seeds = list(range(16))
+    sim = simulate_sample(sample_batch(problem(), 4000, seeds, dtype=torch.float64), seeds=seeds,
+                          **common)
+    for name in ("objective/rlhf_reward", "accuracy"):
+        errs = sim.per_behavior[name][:, :, 0] - theory.per_behavior[name][:, None]
+        assert_close(errs.mean(1), 0.0, 1.0, scale=mc_tolerance(errs.std(1, ddof=1), len(seeds))
+                     + QMC, err_msg=name)
+    one = population_descent(mixture, qmc_points=2**14, **{**common, "objective": rl()})
+    # four updates a step run ahead of one
+    gain = lambda t: t.per_behavior["objective/rlhf_reward"][1] - t.per_behavior[  # noqa: E731
+        "objective/rlhf_reward"][0]
+    assert np.all(gain(theory) > 1.5 * gain(one))
+
+
+@pytest.mark.cli
+def test_the_instructgpt_config_runs_every_phase(tmp_path):
+    """The shipped pipeline (shrunk): SFT → reward model → PPO-ptx, every phase recorded,
+    the RL statistics where they belong, and the tax held down by the pretraining term."""
+    import pandas as pd
+
+    from dynamics.cli import main
+
+    config = __import__("pathlib").Path(__file__).resolve().parents[1] / (
+        "dynamics/configs/instructgpt.toml")
+    out = tmp_path / "run"
+    assert main(["run", str(config), "--out", str(out), "--quiet", "--set", "train.n=300",
+                 "--set", "train.seeds=2", "--set", "train.phases.0.steps=10",
+                 "--set", "train.phases.1.steps=20", "--set", "train.phases.2.steps=10",
+                 "--set", "train.phases.2.objective.rollout_size=100"]) == 0
+    frame = pd.read_parquet(out / "metrics.parquet")
+    assert list(frame.groupby("phase")["objective"].first()) == ["sft", "reward_model", "rlhf"]
+    rl_rows = frame[(frame["phase"] == 2) & (frame["source"] == "simulation")]
+    start = rl_rows["step"].min()  # the phase's first row is its starting state: no update
+    assert rl_rows[rl_rows["step"] > start]["policy/clipfrac"].notna().all()
+    assert rl_rows[rl_rows["step"] == start]["policy/clipfrac"].isna().all()
+    assert frame[frame["phase"] != 2]["policy/clipfrac"].isna().all()
+    tax = frame.groupby(["phase", "source"])["pretrain/loss"].last()
+    assert tax[(2, "theory")] < tax[(1, "theory")]
+    assert tax[(2, "simulation")] < tax[(1, "simulation")]
+    # a rollout larger than a seed's sample is refused when the config is read
+    assert main(["run", str(config), "--out", str(tmp_path / "bad"), "--quiet",
+                 "--set", "train.n=300"]) == 2
+    assert not (tmp_path / "bad").exists()
