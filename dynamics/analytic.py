@@ -425,6 +425,15 @@ class PopulationFlow:
         per_c = coef @ cloud / cloud.shape[1]  # (C, V, d)
         return -self.ptx_coef * torch.einsum("c,cvd->vd", weights, per_c)
 
+    def mean_kl(self, theta) -> float:
+        """``E_g KL(π(·|g) ‖ π0(·|g))`` of the policy ``W0 + D`` (the ``all`` view's ``θ``)
+        over the mixture, by QMC: what a rollout's sampled KL estimates."""
+        logits, _ = self._cloud_logits(torch.as_tensor(np.asarray(theta, dtype=np.float64)))
+        logp = torch.log_softmax(logits, dim=1)
+        logp0 = torch.log_softmax(self.w0 @ self._cloud().transpose(1, 2), dim=1)
+        per_c = (logp.exp() * (logp - logp0)).sum(1).mean(-1)  # (C,)
+        return float(self.pi @ per_c)
+
     def pretrain_loss(self, thetas) -> np.ndarray:
         """The alignment tax ``E_pretrain[−log π(y|g)]`` at each of ``thetas`` ``(E,
         *shape)``: ``(E,)``; the policy is the reference (with the Yes/No difference
@@ -751,18 +760,33 @@ def population_descent(
             raise RuntimeError(f"population flow ODE failed: {sol.message}")
         deltas = sol.y.T.copy()
     else:
-        kept, wanted = [], set(record.tolist())
+        kept, wanted, coefs = [], set(record.tolist()), []
         current = start.reshape(-1).copy()
+        adaptive = hyper.get("kl_target", 0.0) > 0
+        used = np.nan  # the KL coefficient of the update that led here (as the simulation's)
         for k in range(steps + 1):
             if k in wanted:
                 kept.append(current.copy())
-            for _ in range(updates if k < steps else 0):
+                coefs.append(used)
+            if k == steps:
+                break
+            used = trainer.beta
+            kl = trainer.mean_kl(current.reshape(shape)) if adaptive else None
+            for _ in range(updates):
                 current = current + lr * step(current)
+            if adaptive:  # the controller after each rollout, on its starting policy's KL
+                from dynamics.rollouts import adapt_kl
+
+                trainer.beta = trainer.beta * adapt_kl(kl, hyper["kl_target"],
+                                                       hyper["kl_horizon"])
+        trainer.beta = beta  # the metrics are on train.beta's scale
         deltas = np.stack(kept)
     deltas = deltas.reshape((len(record),) + shape)
     metrics, weight_change = flow.metrics_many(deltas)
     per_behavior = {name: value.numpy() for name, value in metrics.items()}
     per_run = {} if flow.pretrain is None else {"pretrain/loss": flow.pretrain_loss(deltas)}
+    if not continuous and hyper.get("kl_target", 0.0) > 0:
+        per_run["objective/kl_coef"] = np.array(coefs)
     return PopulationTrajectory(record, deltas, per_behavior, weight_change.numpy(), beta, lr,
                                 mixture.names, per_run)
 

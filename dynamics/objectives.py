@@ -458,6 +458,11 @@ _RLHF_HYPER = {
                    "exact per-prompt KL in the loss", choices=("reward", "loss"), only=_SAMPLED),
     "rollout_size": Hyper(0, "prompts per rollout, drawn anew from the sample every step "
                           "(0: every prompt)", {"ge": 0}, integer=True, only=_SAMPLED),
+    "kl_target": Hyper(0.0, "adaptive KL control (Ziegler et al. 2019): the target KL the "
+                       "coefficient (from β) is steered to after every rollout; 0 keeps β fixed",
+                       {"ge": 0}, only=_SAMPLED),
+    "kl_horizon": Hyper(50.0, "the controller's horizon, in rollouts (TRL's horizon / batch "
+                        "size)", {"gt": 0}, only=_SAMPLED),
     "clip": Hyper(0.2, "ε of the clipped ratio", {"gt": 0}, only=_PPO),
     "ppo_epochs": Hyper(4, "passes over each rollout", {"ge": 1}, integer=True, only=_PPO),
     "num_minibatches": Hyper(1, "minibatches per pass (each one update)", {"ge": 1},

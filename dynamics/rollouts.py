@@ -32,10 +32,14 @@ Gradient with respect to the logits, per sampled answer: ``∇_z log π(y) = e_y
 so REINFORCE's is ``−A (e_y − π)`` and PPO's ``−A ρ (e_y − π) · 1[unclipped term
 active]``; as elsewhere the update on ``W`` is the batch mean of those times ``gᵀ``.
 
+The KL coefficient is ``β`` (``train.beta``: TRL's ``kl_coef``), fixed, or with
+``kl_target > 0`` adapted after every rollout by the controller of Ziegler et al.
+(2019) on the rollout's sampled KL, ``mean log(π_old(y)/π0(y))`` (:func:`adapt_kl`).
+
 Statistics per step (``SimulationResult.per_run``, TRL's names): ``policy/clipfrac``
 (share of sampled answers whose clipped term is the active one), ``policy/approxkl``
 (``½ mean (log ρ)²``) and ``loss/value`` (``½ mean (vᵀg − R)²``), each averaged over
-the step's updates. Randomness: one :class:`torch.Generator` per seed, seeded by the
+the step's updates, and ``objective/kl_coef`` (the coefficient the rollout used). Randomness: one :class:`torch.Generator` per seed, seeded by the
 seed, draws the prompts, the answers of every configuration, and the permutations.
 """
 
@@ -45,7 +49,17 @@ import torch
 
 from dynamics.simulate import _SoftmaxEngine
 
-__all__ = ["RolloutEngine"]
+__all__ = ["RolloutEngine", "adapt_kl"]
+
+
+def adapt_kl(kl, target: float, horizon: float):
+    """The adaptive KL controller's factor (Ziegler et al. 2019): ``1 + clip(KL/target −
+    1, −0.2, 0.2)/horizon`` per rollout (TRL's ``n_steps/horizon`` with ``horizon``
+    counted in rollouts). Works on tensors and floats."""
+    error = kl / target - 1
+    error = error.clamp(-0.2, 0.2) if isinstance(error, torch.Tensor) else min(max(error, -0.2),
+                                                                              0.2)
+    return 1 + error / horizon
 
 
 class RolloutEngine(_SoftmaxEngine):
@@ -63,6 +77,8 @@ class RolloutEngine(_SoftmaxEngine):
                                  device=self.x.device)  # the value head v, per run
         self.lr_rows = self.lr.view(1, -1, 1, 1)  # (1, P, 1, 1)
         self.stats: dict = {}
+        # the KL coefficient of each run (S, P, 1): β, or adapted after every rollout
+        self.kl_coef = self.beta[..., 0].expand(num_seeds, -1, -1).clone()
 
     # ------------------------------------------------------------------ randomness
     def _prompts(self) -> torch.Tensor | None:
@@ -100,11 +116,12 @@ class RolloutEngine(_SoftmaxEngine):
         pick = lambda t: t.expand(answers.shape[0], answers.shape[1], -1, -1).gather(  # noqa: E731
             -2, answers).squeeze(-2)
         logp_old = logp_all.gather(-2, answers).squeeze(-2)  # (S, P, B)
-        beta = context["beta"][..., 0]  # (1, P, 1)
+        beta = self.kl_coef  # (S, P, 1)
+        context = {**context, "beta": beta[..., None]}
         returns = pick(context["rewards"])
+        log_ref = pick(torch.log_softmax(context["reference"], dim=-2))  # log π0(y)
         if hyper["kl_in"] == "reward":
-            log_ref = torch.log_softmax(context["reference"], dim=-2)
-            returns = returns - beta * (logp_old - pick(log_ref))
+            returns = returns - beta * (logp_old - log_ref)
         values = torch.bmm(self.value, xb_t)  # (S, P, B): v_ᵀg before this step's updates
         if hyper["baseline"] == "none":
             advantages = returns
@@ -139,8 +156,13 @@ class RolloutEngine(_SoftmaxEngine):
                 stats = self._update(x_m, ctx, a_m, r_m, y_m, old_m, ppo)
                 for key, value in stats.items():
                     tally[key] += value / (epochs * parts)
+        tally["objective/kl_coef"] = beta[..., 0]
         self.stats = {key: value.cpu().double().numpy() for key, value in tally.items()
                       if key != "policy/clipfrac" or ppo}
+        if hyper["kl_target"] > 0:  # the adaptive controller, on the rollout's sampled KL
+            self.kl_coef = self.kl_coef * adapt_kl(
+                (logp_old - log_ref).mean(-1, keepdim=True), hyper["kl_target"],
+                hyper["kl_horizon"])
 
     def _update(self, x_m, context, advantages, returns, answers, logp_old, ppo):
         """One gradient step of the policy (and of the value head) on a minibatch."""

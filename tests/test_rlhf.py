@@ -227,6 +227,7 @@ def naive_ppo(data, seed, *, beta, lr, steps, hyper):
     gen = torch.Generator().manual_seed(seed)
     size = hyper["rollout_size"] or n
     out = [w.detach().clone()]
+    target, horizon = hyper.get("kl_target", 0.0), hyper.get("kl_horizon", 50.0)
     for _ in range(steps):
         idx = (torch.randperm(n, generator=gen)[:size] if size < n else torch.arange(n))
         x = g[idx]
@@ -238,6 +239,7 @@ def naive_ppo(data, seed, *, beta, lr, steps, hyper):
             ref = torch.log_softmax(x @ w0.T, -1)[torch.arange(size), y]
             returns = (x @ head.T)[torch.arange(size), y] - beta * (old - ref)
             adv = returns - x @ v if hyper["baseline"] == "value" else returns - returns.mean()
+            kl = float((old - ref).mean())  # the rollout's sampled KL
         parts = hyper["num_minibatches"]
         for _ in range(hyper["ppo_epochs"]):
             order = torch.randperm(size, generator=gen) if parts > 1 else torch.arange(size)
@@ -253,6 +255,8 @@ def naive_ppo(data, seed, *, beta, lr, steps, hyper):
                     w -= lr * grad
                     if hyper["baseline"] == "value":
                         v -= hyper["vf_coef"] * lr * grad_v
+        if target > 0:  # Ziegler et al.'s controller, from its definition
+            beta *= 1 + min(max(kl / target - 1, -0.2), 0.2) / horizon
         out.append(w.detach().clone())
     return torch.stack(out) - w0
 
@@ -261,6 +265,8 @@ def naive_ppo(data, seed, *, beta, lr, steps, hyper):
     dict(baseline="mean", rollout_size=0, ppo_epochs=3, num_minibatches=1, clip=0.1),
     dict(baseline="value", rollout_size=30, ppo_epochs=4, num_minibatches=3, clip=0.05,
          vf_coef=0.5),
+    dict(baseline="mean", rollout_size=20, ppo_epochs=2, num_minibatches=2, clip=0.2,
+         kl_target=0.02, kl_horizon=3.0),
 ])
 def test_ppo_equals_a_naive_autograd_loop_on_its_clipped_surrogate(hyper):
     data = sample_batch(problem(), 50, [3], dtype=torch.float64)
@@ -647,3 +653,39 @@ def test_the_instructgpt_config_runs_every_phase(tmp_path):
     assert main(["run", str(config), "--out", str(tmp_path / "bad"), "--quiet",
                  "--set", "train.n=300"]) == 2
     assert not (tmp_path / "bad").exists()
+
+
+def test_the_adaptive_kl_coefficient_saturates_at_its_clip():
+    """A target far above every sampled KL lowers the coefficient by the clipped 20% per
+    horizon every rollout, ``β_t = β (1 − 0.2/H)^t``, in both solvers (a target below
+    it is not the mirror image: a rollout's sampled KL can be negative)."""
+    data = sample_batch(problem(), 40, [0, 1], dtype=torch.float64)
+    hyper = dict(estimator="reinforce", kl_target=1e9, kl_horizon=4.0)
+    sim = simulate_sample(data, seeds=[0, 1], beta=[0.5, 2.0], lr=0.2, steps=6, reference=W0,
+                          objective=rl(**hyper), reward_head=HEAD3, delta0=START)
+    want = np.array([0.5, 2.0]) * 0.95 ** np.arange(6)[:, None]  # used by updates 1..6
+    assert_close(sim.per_run["objective/kl_coef"][1:], np.broadcast_to(want[:, None], (6, 2, 2)),
+                 CLOSED_FORM)
+    theory = population_descent(population_mixture(problem()), beta=0.5, lr=0.2, steps=6,
+                                reference=W0, objective=rl(**hyper), reward_head=HEAD3,
+                                delta0=START)
+    assert np.isnan(theory.per_run["objective/kl_coef"][0])
+    assert_close(theory.per_run["objective/kl_coef"][1:], 0.5 * 0.95 ** np.arange(6), CLOSED_FORM)
+
+
+@pytest.mark.agreement
+def test_adaptive_kl_flow_agrees_with_simulation():
+    """The controller on the population KL (flow) against the sampled one (16 seeds)."""
+    mixture = population_mixture(problem())
+    common = dict(beta=0.8, lr=0.2, steps=30, reference=W0, reward_head=HEAD3, delta0=START,
+                  eval_every=10, objective=rl(estimator="reinforce", baseline="value",
+                                              kl_target=0.05, kl_horizon=5.0))
+    theory = population_descent(mixture, qmc_points=2**14, **common)
+    seeds = list(range(16))
+    sim = simulate_sample(sample_batch(problem(), 4000, seeds, dtype=torch.float64), seeds=seeds,
+                          **common)
+    errs = sim.per_run["objective/kl_coef"][1:, :, 0] - theory.per_run["objective/kl_coef"][
+        1:, None]
+    assert_close(errs.mean(1), 0.0, 1.0, scale=mc_tolerance(errs.std(1, ddof=1), len(seeds))
+                 + QMC)
+    assert abs(theory.per_run["objective/kl_coef"][-1] - 0.8) > 0.05  # it did adapt
