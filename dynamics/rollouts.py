@@ -39,8 +39,9 @@ The KL coefficient is ``β`` (``train.beta``: TRL's ``kl_coef``), fixed, or with
 Statistics per step (``SimulationResult.per_run``, TRL's names): ``policy/clipfrac``
 (share of sampled answers whose clipped term is the active one), ``policy/approxkl``
 (``½ mean (log ρ)²``) and ``loss/value`` (``½ mean (vᵀg − R)²``), each averaged over
-the step's updates, and ``objective/kl_coef`` (the coefficient the rollout used). Randomness: one :class:`torch.Generator` per seed, seeded by the
-seed, draws the prompts, the answers of every configuration, and the permutations.
+the step's updates, and ``objective/kl_coef`` (the coefficient the rollout used).
+Randomness: one :class:`torch.Generator` per seed, seeded by the seed, draws the
+prompts, the answers of every configuration, and the permutations.
 """
 
 from __future__ import annotations
