@@ -689,3 +689,44 @@ def test_adaptive_kl_flow_agrees_with_simulation():
     assert_close(errs.mean(1), 0.0, 1.0, scale=mc_tolerance(errs.std(1, ddof=1), len(seeds))
                  + QMC)
     assert abs(theory.per_run["objective/kl_coef"][-1] - 0.8) > 0.05  # it did adapt
+
+
+RL_CONFIG = """
+[problem]
+dim = 3
+[[problem.behaviors]]
+name = "a"
+distinguishability = 1.0
+[train]
+n = 40
+steps = 2
+seeds = 1
+"""
+
+
+@pytest.mark.cli
+@pytest.mark.parametrize("overrides,message", [
+    (["train.objective=rlhf"], "train.objective = 'rlhf' needs a reward head"),
+    (["train.objective=rlhf", "model.reward_head=[[1.0, 0.0], [0.0, 1.0]]"],
+     "model.reward_head"),
+    (['train.objective={name="rlhf", estimator="ppo", clip=-0.1}'],
+     "train.objective.clip = -0.1 must be > 0"),
+    (['train.objective={name="rlhf", estimator="ppo", ppo_epochs=0}'],
+     "train.objective.ppo_epochs = 0 must be >= 1"),
+    (['train.objective={name="rlhf", ptx_coef=-1.0}'], "train.objective.ptx_coef = -1"),
+    (['train.objective={name="rlhf", estimator="reinforce", kl_target=-0.1}'],
+     "train.objective.kl_target = -0.1 must be >= 0"),
+    (['train.objective={name="rlhf", estimator="a2c"}'], "must be one of exact, reinforce, ppo"),
+])
+def test_bad_rl_configs_exit_2_with_one_line(tmp_path, capsys, overrides, message):
+    from dynamics.cli import main
+
+    path = tmp_path / "c.toml"
+    path.write_text(RL_CONFIG)
+    args = ["run", str(path), "--out", str(tmp_path / "out"), "--quiet"]
+    for item in overrides:
+        args += ["--set", item]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
