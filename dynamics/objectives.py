@@ -451,8 +451,9 @@ _RLHF_HYPER = {
                        "from sampled answers (reinforce, ppo)",
                        choices=("exact", "reinforce", "ppo")),
     "baseline": Hyper("mean", "subtracted from the sampled return: none, the rollout's mean, "
-                      "or a linear value head trained alongside", choices=("none", "mean", "value"),
-                      only=_SAMPLED),
+                      "the return's expectation under the rollout's policy (exact over the "
+                      "answers), or a linear value head trained alongside",
+                      choices=("none", "mean", "expected", "value"), only=_SAMPLED),
     "kl_in": Hyper("reward", "where β·KL enters a sampled estimator: as the penalty "
                    "−β log(π/π0) of the sampled answer in its return (TRL's k1), or as the "
                    "exact per-prompt KL in the loss", choices=("reward", "loss"), only=_SAMPLED),

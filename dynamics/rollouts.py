@@ -13,16 +13,17 @@ LLM's RL does. Each step (one row of the metrics) is one rollout:
 2. the return ``R = r(g, y) − β log(π_old(y)/π0(y))`` (``kl_in = "reward"``: TRL's
    per-token k1 penalty) or ``R = r(g, y)`` (``kl_in = "loss"``: the exact per-prompt
    KL is added to the loss, its gradient ``β π ⊙ (log π/π0 − KL)`` taken over the
-   answers); the advantage ``A = R − b`` with ``b`` none, the rollout's mean, or a
-   linear value head ``v_ᵀg`` (trained alongside on ``½(vᵀg − R)²`` with step
-   ``vf_coef·lr``, from zero in every phase);
+   answers); the advantage ``A = R − b`` with ``b`` none, the rollout's mean, the
+   return's expectation under ``π_old`` (exact over the answers, which a one-token
+   policy affords), or a linear value head ``v_ᵀg`` (trained alongside on
+   ``½(vᵀg − R)²`` with step ``vf_coef·lr``, from zero in every phase);
 3. REINFORCE: one update on ``−A log π(y)``; PPO: ``ppo_epochs`` passes, each over
    ``num_minibatches`` minibatches of the rollout (a fresh permutation per pass and
    seed; one minibatch keeps the rollout's order), one update per minibatch on the
    clipped surrogate ``max(−Aρ, −A clip(ρ, 1±ε))``, ``ρ = π(y)/π_old(y)``.
 
 REINFORCE is unbiased for ``∇J`` when an answer's baseline does not depend on
-that answer (``baseline = "none"`` or ``"value"``): its mean update is the exact
+that answer (``baseline = "none"``, ``"expected"`` or ``"value"``): its mean update is the exact
 one (``tests/test_rlhf.py`` checks it at the Monte Carlo rate). The rollout mean
 includes each answer's own return, which scales the expected update by exactly
 ``1 − 1/B``. With one pass of one minibatch ``ρ = 1`` at the
@@ -119,15 +120,19 @@ class RolloutEngine(_SoftmaxEngine):
         logp_old = logp_all.gather(-2, answers).squeeze(-2)  # (S, P, B)
         beta = self.kl_coef  # (S, P, 1)
         context = {**context, "beta": beta[..., None]}
-        returns = pick(context["rewards"])
-        log_ref = pick(torch.log_softmax(context["reference"], dim=-2))  # log π0(y)
+        log_ref_all = torch.log_softmax(context["reference"], dim=-2)
+        every = context["rewards"]  # the return of every answer (S, 1 or P, V, B)
         if hyper["kl_in"] == "reward":
-            returns = returns - beta * (logp_old - log_ref)
+            every = every - beta[..., None] * (logp_all - log_ref_all)
+        returns = pick(every)
+        log_ref = pick(log_ref_all)  # log π0(y)
         values = torch.bmm(self.value, xb_t)  # (S, P, B): v_ᵀg before this step's updates
         if hyper["baseline"] == "none":
             advantages = returns
         elif hyper["baseline"] == "mean":
             advantages = returns - returns.mean(-1, keepdim=True)
+        elif hyper["baseline"] == "expected":  # E_{π_old}[R(g, ·)], exact over the answers
+            advantages = returns - (logp_all.exp() * every).sum(-2)
         else:
             advantages = returns - values
 

@@ -179,7 +179,7 @@ HEAD3 = np.random.default_rng(9).normal(size=(3, DIM))
 START = np.random.default_rng(10).normal(size=(3, DIM)) * 0.5
 
 
-@pytest.mark.parametrize("baseline", ["none", "mean", "value"])
+@pytest.mark.parametrize("baseline", ["none", "mean", "expected", "value"])
 @pytest.mark.parametrize("kl_in", ["reward", "loss"])
 @pytest.mark.parametrize("rollout", [0, 24])
 def test_ppo_with_one_pass_of_one_minibatch_is_reinforce_bit_for_bit(baseline, kl_in, rollout):
@@ -198,6 +198,7 @@ def test_ppo_with_one_pass_of_one_minibatch_is_reinforce_bit_for_bit(baseline, k
 
 
 @pytest.mark.parametrize("baseline,kl_in,factor", [("none", "reward", 1.0), ("none", "loss", 1.0),
+                                                   ("expected", "reward", 1.0),
                                                    ("mean", "reward", 1 - 1 / 16)])
 def test_reinforce_mean_update_is_the_exact_gradient(baseline, kl_in, factor):
     """Over 4,000 rollouts of the same 16 prompts, the mean REINFORCE step equals the
@@ -730,3 +731,23 @@ def test_bad_rl_configs_exit_2_with_one_line(tmp_path, capsys, overrides, messag
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_advantage_model_with_one_task_is_reinforce_with_the_expected_baseline():
+    """One behavior: the advantage model's score ``(r − E_{π_start} r)/σ`` with no further
+    baseline is REINFORCE on ``r/σ`` with the policy-expected baseline, answer for answer,
+    on the first rollout (afterwards the model's baseline stays at the start's policy)."""
+    one = Problem((problem().behaviors[0],))
+    data = sample_batch(one, 64, [3], dtype=torch.float64)
+    g = data.features[0]
+    probs = torch.softmax(g @ torch.as_tensor(W0 + START).T, -1)
+    task = g @ torch.as_tensor(HEAD3).T
+    sigma = float((((probs * task**2).sum(-1) - (probs * task).sum(-1) ** 2)).mean().sqrt())
+    common = dict(seeds=[3], beta=0.6, lr=0.3, steps=2, reference=W0, reward_head=HEAD3,
+                  delta0=START, keep_deltas=True)
+    adv = simulate_sample(data, objective=rl(estimator="reinforce", score="advantage",
+                                             baseline="none", kl_in="loss"), **common)
+    ref = simulate_sample(data, objective=rl(estimator="reinforce", baseline="expected",
+                                             kl_in="loss"), reward_scales=[1 / sigma], **common)
+    assert_close(adv.deltas[1], ref.deltas[1], CLOSED_FORM)
+    assert not torch.allclose(adv.deltas[2], ref.deltas[2])  # the baselines part afterwards
