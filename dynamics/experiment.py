@@ -74,6 +74,7 @@ def _memory_terms(config: dict) -> dict[str, int]:
     recorded = sum(p.steps // train["eval_every"] + 2 for p in phases if p.record)
     features = seeds * n * dim
     subset = any(p.behaviors is not None for p in phases)
+    rl = any(resolve_objective(p.objective)[0].data == "prompts" for p in phases)
     return {
         # numpy draws (float64), their stack, and the tensor in the run's dtype
         "sampling": features * (8 + 8 + item),
@@ -81,7 +82,10 @@ def _memory_terms(config: dict) -> dict[str, int]:
         # margins, the evaluator's (6, S, P, n) buffer and its scratch
         "training": features * item * (2 + 2 * subset) + seeds * (rows * batch + 7 * n) * item
         # PPO-ptx's training and held-out pretraining draws (float64, then the run's dtype)
-        + (0 if pretrain is None else 2 * seeds * pretrain_n * dim * (8 + item)),
+        + (0 if pretrain is None else 2 * seeds * pretrain_n * dim * (8 + item))
+        # RL: reference logits and rewards on the training prompts, task and trained
+        # rewards on the evaluated ones, and the rollout's logits and returns
+        + (6 * seeds * vocab * n * item if rl else 0),
         # the recorded (E, S, P, K, 7) metrics and the tidy table built from them
         "metrics": recorded * seeds * behaviors * (7 * 8 + _FRAME_BYTES_PER_ROW),
     }
