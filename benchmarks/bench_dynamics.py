@@ -108,6 +108,18 @@ def make_problem(dim: int, k: int) -> Problem:
     return Problem(tuple(behaviors_with_angles(dim, deltas, 0.3)))
 
 
+def reward_head(dim: int, vocab: int = 2, seed: int = 7) -> np.ndarray:
+    """A frozen reward head ``Φ`` ``(V, d)`` for the objectives on prompts (``rlhf``): for
+    two answers ``φ_Yes = −φ_No = ψ/2`` with ``‖ψ‖ = 1``, so the optimum ``D* = Φ/β`` moves
+    the log-odds by ``ψᵀg/β``."""
+    rng = np.random.default_rng(seed)
+    if vocab == 2:
+        psi = rng.normal(size=dim)
+        psi /= np.linalg.norm(psi)
+        return np.stack([psi / 2, -psi / 2])
+    return rng.normal(size=(vocab, dim)) / np.sqrt(dim)
+
+
 def one_run(data: PreferenceSample, i: int) -> PreferenceSample:
     """Seed ``i`` of a batched sample, kept batched (S = 1) as ``simulate_sample`` wants."""
     return PreferenceSample(data.features[i:i + 1], data.signs[i:i + 1],
@@ -153,6 +165,7 @@ def shared_sample_case(n: int, d: int, p: int, steps: int, rounds: int,
     rows = OBJECTIVES[objective].rows or ref.shape[0]
     beta = np.geomspace(0.1, 1.0, p)
     lr = np.geomspace(0.05, 0.5, p)[::-1].copy()
+    head = reward_head(d, ref.shape[0]) if OBJECTIVES[objective].data == "prompts" else None
     x2 = data.features[0]  # (n, d)
     dmat = 0.01 * torch.randn(d, p * rows)
     rmat = torch.randn(n, p * rows)
@@ -161,7 +174,7 @@ def shared_sample_case(n: int, d: int, p: int, steps: int, rounds: int,
     def sim():
         clock.stamps.clear()
         simulate_sample(data, seeds=[0], beta=beta, lr=lr, steps=steps, reference=ref,
-                        eval_every=NEVER, progress=clock, objective=objective)
+                        eval_every=NEVER, progress=clock, objective=objective, reward_head=head)
 
     def gemm_pair():  # the two GEMMs of one step, plain 2-D matmul, best of 5
         return best_of(lambda: (torch.matmul(x2, dmat), torch.matmul(x2.T, rmat)), 5)
@@ -177,7 +190,7 @@ def shared_sample_case(n: int, d: int, p: int, steps: int, rounds: int,
         step_medians.append(clock.median_step())
 
     simulate_sample(data, seeds=[0], beta=beta, lr=lr, steps=2, reference=ref, eval_every=NEVER,
-                    objective=objective)
+                    objective=objective, reward_head=head)
     t = interleave({"sim": sim_task, "ref": ref_task}, rounds)
     flops_step = 2 * (2 * n * d * p * rows)
     sim_rate = steps * flops_step / t["sim"].min()
@@ -406,7 +419,8 @@ def profile_split(fn) -> dict:
         if us <= 0:
             continue
         per_op[ev.key] = per_op.get(ev.key, 0.0) + us
-        if ev.key in ("aten::bmm", "aten::mm", "aten::addmm", "aten::baddbmm", "aten::mv"):
+        if ev.key in ("aten::bmm", "aten::mm", "aten::addmm", "aten::baddbmm", "aten::baddbmm_",
+                      "aten::mv"):
             gemm += us
             calls_gemm += ev.count
         else:
