@@ -927,8 +927,8 @@ def ppo_section(quick: bool, env: dict) -> dict:
           "(inverse CDF, one torch.Generator per seed).\nUseful FLOPs per step (V = 2 rows, "
           "P·V GEMM columns): the rollout's forward over n prompts, then per update a\nforward "
           "and a backward over its minibatch: REINFORCE 2 GEMMs of 2·n·d·P·V, PPO 1 + 2·epochs "
-          "(value head,\nreward/reference logits, the engine's second forward in REINFORCE and "
-          "metrics are in the time only).")
+          "(the value head,\nthe reward and reference logits and the metrics are in the time "
+          "only).")
     if quick:
         n, d, p, steps, rounds = 4000, 256, 32, 3, 2
     else:
