@@ -114,7 +114,8 @@ class RolloutEngine(_SoftmaxEngine):
             context = self.context(idx)
         xb_t = xb.transpose(1, 2)
         logp_all = torch.log_softmax(self._logits(xb_t), dim=-2)  # (S, P, V, B): π_old
-        answers = self._answers(logp_all.exp())[:, :, None]  # (S, P, 1, B)
+        probs_all = logp_all.exp()
+        answers = self._answers(probs_all)[:, :, None]  # (S, P, 1, B)
         pick = lambda t: t.expand(answers.shape[0], answers.shape[1], -1, -1).gather(  # noqa: E731
             -2, answers).squeeze(-2)
         logp_old = logp_all.gather(-2, answers).squeeze(-2)  # (S, P, B)
@@ -126,21 +127,24 @@ class RolloutEngine(_SoftmaxEngine):
             every = every - beta[..., None] * (logp_all - log_ref_all)
         returns = pick(every)
         log_ref = pick(log_ref_all)  # log π0(y)
-        values = torch.bmm(self.value, xb_t)  # (S, P, B): v_ᵀg before this step's updates
         if hyper["baseline"] == "none":
             advantages = returns
         elif hyper["baseline"] == "mean":
             advantages = returns - returns.mean(-1, keepdim=True)
         elif hyper["baseline"] == "expected":  # E_{π_old}[R(g, ·)], exact over the answers
-            advantages = returns - (logp_all.exp() * every).sum(-2)
-        else:
-            advantages = returns - values
+            advantages = returns - (probs_all * every).sum(-2)
+        else:  # v_ᵀg before this step's updates (S, P, B)
+            advantages = returns - torch.bmm(self.value, xb_t)
 
         ppo = hyper["estimator"] == "ppo"
         epochs = hyper["ppo_epochs"] if ppo else 1
         parts = hyper["num_minibatches"] if ppo else 1
         size = xb.shape[1]
         tally = {"policy/clipfrac": 0.0, "policy/approxkl": 0.0, "loss/value": 0.0}
+        # The first update, when its minibatch is the whole rollout in order (one
+        # minibatch: REINFORCE, PPO's first pass), sees the rollout's weights and prompts:
+        # its policy is π_old, computed above, not a second time.
+        current = (logp_all, probs_all) if parts == 1 else None
         for _ in range(epochs):
             order = None if parts == 1 else self._permutation(size)
             for part in range(parts):
@@ -159,7 +163,8 @@ class RolloutEngine(_SoftmaxEngine):
                         -1, t.shape[1], -1))
                     a_m, r_m, old_m = take(advantages), take(returns), take(logp_old)
                     y_m = take(answers[:, :, 0])[:, :, None]
-                stats = self._update(x_m, ctx, a_m, r_m, y_m, old_m, ppo)
+                stats = self._update(x_m, ctx, a_m, r_m, y_m, old_m, ppo, current)
+                current = None
                 for key, value in stats.items():
                     tally[key] += value / (epochs * parts)
         tally["objective/kl_coef"] = beta[..., 0]
@@ -170,11 +175,15 @@ class RolloutEngine(_SoftmaxEngine):
                 (logp_old - log_ref).mean(-1, keepdim=True), hyper["kl_target"],
                 hyper["kl_horizon"])
 
-    def _update(self, x_m, context, advantages, returns, answers, logp_old, ppo):
-        """One gradient step of the policy (and of the value head) on a minibatch."""
+    def _update(self, x_m, context, advantages, returns, answers, logp_old, ppo, current=None):
+        """One gradient step of the policy (and of the value head) on a minibatch;
+        ``current``: the policy's ``(log π, π)`` on it when already known."""
         x_t = x_m.transpose(1, 2)
-        logp = torch.log_softmax(self._logits(x_t), dim=-2)  # (S, P, V, Bm)
-        probs = logp.exp()
+        if current is None:
+            logp = torch.log_softmax(self._logits(x_t), dim=-2)  # (S, P, V, Bm)
+            probs = logp.exp()
+        else:
+            logp, probs = current
         onehot = torch.zeros_like(probs).scatter_(-2, answers, 1.0)
         logp_y = logp.gather(-2, answers).squeeze(-2)  # (S, P, Bm)
         log_ratio = logp_y - logp_old
@@ -199,10 +208,12 @@ class RolloutEngine(_SoftmaxEngine):
         self.weights.baddbmm_(coef.flatten(1, 2) * (self.scale_rows / size), x_m)
         if ptx is not None:
             self.weights.baddbmm_(*ptx)
-        # the value head: ½ mean (vᵀg − R)², one step of vf_coef·lr
-        error = torch.bmm(self.value, x_t) - returns  # (S, P, Bm)
+        # the value head: ½ mean (vᵀg − R)², one step of vf_coef·lr; untrained (without
+        # the value baseline) it stays 0, and 0 − R is −R exactly
+        trained = self.hyper["baseline"] == "value"
+        error = torch.bmm(self.value, x_t) - returns if trained else -returns  # (S, P, Bm)
         stats["loss/value"] = 0.5 * (error**2).mean(-1)
-        if self.hyper["baseline"] == "value":
+        if trained:
             step = self.hyper["vf_coef"] * self.lr_rows[..., 0] / size
             self.value.sub_(torch.bmm(error, x_m) * step)
         return stats
