@@ -241,6 +241,8 @@ class Hyper:
             return "one of " + " / ".join(self.choices)
         words = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
         kind = "integer " if self.integer else ""
+        if not self.bounds:
+            return "an integer" if self.integer else "a number"
         return kind + " and ".join(f"{words[k]} {v}" for k, v in self.bounds.items())
 
 
