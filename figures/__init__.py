@@ -54,6 +54,11 @@ FIGURES: dict[str, Figure] = {
                           "what sampling the answers costs", "rlhf_vs_dpo",
                           ("rlhf_vs_dpo_beta.toml", "rlhf_vs_dpo_separable.toml",
                            "rlhf_vs_dpo_estimators.toml")),
+    "rlhf_stability": Figure(11, "RLHF's stability: the alignment tax against PPO-ptx, "
+                             "forgetting and selective rehearsal, unequal reward scales and "
+                             "the advantage model", "rlhf_stability",
+                             ("rlhf_stability_ptx.toml", "rlhf_stability_rehearsal.toml",
+                              "rlhf_stability_scales.toml")),
 }
 
 
