@@ -43,8 +43,8 @@ RL_METRICS = ("objective/kl", "objective/scores", "objective/rlhf_reward")
 """Per behavior where the solver has them (NaN elsewhere): the policy's ``KL(π ‖ π0)``
 (every objective that trains all rows), and with a reward head ``E_π[r]`` and
 ``E_π[r] − β KL``: TRL's PPO names, taken exactly over the answers."""
-RUN_STATISTICS = ("policy/clipfrac", "policy/approxkl", "loss/value", "objective/kl_coef",
-                  "pretrain/loss")
+RUN_STATISTICS = ("policy/clipfrac", "policy/approxkl", "loss/value", "val/ratio",
+                  "val/ratio_var", "objective/kl_coef", "pretrain/loss")
 """Per run: a sampled estimator's update statistics (TRL's PPO names), and, with a
 pretraining distribution, the alignment tax ``E_pretrain[−log π(y|g)]`` (NaN elsewhere)."""
 METRICS = (BEHAVIOR_METRICS[:3] + ("weight_change",) + BEHAVIOR_METRICS[3:] + RL_METRICS

@@ -40,7 +40,9 @@ The KL coefficient is ``β`` (``train.beta``: TRL's ``kl_coef``), fixed, or with
 Statistics per step (``SimulationResult.per_run``, TRL's names): ``policy/clipfrac``
 (share of sampled answers whose clipped term is the active one), ``policy/approxkl``
 (``½ mean (log ρ)²``) and ``loss/value`` (``½ mean (vᵀg − R)²``), each averaged over
-the step's updates, and ``objective/kl_coef`` (the coefficient the rollout used).
+the step's updates, ``val/ratio`` and ``val/ratio_var`` (the mean over the updates
+of each one's mean ratio ``ρ``, and their variance across the updates, NaN for one
+update), and ``objective/kl_coef`` (the coefficient the rollout used).
 Randomness: one :class:`torch.Generator` per seed, seeded by the seed, draws the
 prompts, the answers of every configuration, and the permutations.
 """
@@ -145,6 +147,7 @@ class RolloutEngine(_SoftmaxEngine):
         # minibatch: REINFORCE, PPO's first pass), sees the rollout's weights and prompts:
         # its policy is π_old, computed above, not a second time.
         current = (logp_all, probs_all) if parts == 1 else None
+        ratios = []  # each update's mean ratio π/π_old (S, P)
         for _ in range(epochs):
             order = None if parts == 1 else self._permutation(size)
             for part in range(parts):
@@ -164,10 +167,15 @@ class RolloutEngine(_SoftmaxEngine):
                     a_m, r_m, old_m = take(advantages), take(returns), take(logp_old)
                     y_m = take(answers[:, :, 0])[:, :, None]
                 stats = self._update(x_m, ctx, a_m, r_m, y_m, old_m, ppo, current)
+                ratios.append(stats.pop("val/ratio"))
                 current = None
                 for key, value in stats.items():
                     tally[key] += value / (epochs * parts)
         tally["objective/kl_coef"] = beta[..., 0]
+        ratios = torch.stack(ratios)  # TRL's val/ratio and val/ratio_var: over the updates
+        tally["val/ratio"] = ratios.mean(0)
+        tally["val/ratio_var"] = (ratios.var(0) if len(ratios) > 1
+                                  else torch.full_like(ratios[0], float("nan")))
         self.stats = {key: value.cpu().double().numpy() for key, value in tally.items()
                       if key != "policy/clipfrac" or ppo}
         if hyper["kl_target"] > 0:  # the adaptive controller, on the rollout's sampled KL
@@ -187,7 +195,8 @@ class RolloutEngine(_SoftmaxEngine):
         onehot = torch.zeros_like(probs).scatter_(-2, answers, 1.0)
         logp_y = logp.gather(-2, answers).squeeze(-2)  # (S, P, Bm)
         log_ratio = logp_y - logp_old
-        stats = {"policy/approxkl": 0.5 * (log_ratio**2).mean(-1)}
+        stats = {"policy/approxkl": 0.5 * (log_ratio**2).mean(-1),
+                 "val/ratio": torch.exp(log_ratio).mean(-1)}
         if ppo:
             clip = self.hyper["clip"]
             ratio = torch.exp(log_ratio)

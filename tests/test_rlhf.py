@@ -227,7 +227,7 @@ def naive_ppo(data, seed, *, beta, lr, steps, hyper):
     v = torch.zeros(DIM, dtype=torch.float64, requires_grad=True)
     gen = torch.Generator().manual_seed(seed)
     size = hyper["rollout_size"] or n
-    out = [w.detach().clone()]
+    out, ratio_stats = [w.detach().clone()], [(np.nan, np.nan)]
     target, horizon = hyper.get("kl_target", 0.0), hyper.get("kl_horizon", 50.0)
     for _ in range(steps):
         idx = (torch.randperm(n, generator=gen)[:size] if size < n else torch.arange(n))
@@ -242,12 +242,14 @@ def naive_ppo(data, seed, *, beta, lr, steps, hyper):
             adv = returns - x @ v if hyper["baseline"] == "value" else returns - returns.mean()
             kl = float((old - ref).mean())  # the rollout's sampled KL
         parts = hyper["num_minibatches"]
+        means = []
         for _ in range(hyper["ppo_epochs"]):
             order = torch.randperm(size, generator=gen) if parts > 1 else torch.arange(size)
             for m in range(parts):
                 sel = order[m * size // parts:(m + 1) * size // parts]
                 xm = x[sel]
                 new = torch.log_softmax(xm @ w.T, -1)[torch.arange(len(sel)), y[sel]]
+                means.append(float(torch.exp(new.detach() - old[sel]).mean()))
                 loss = ppo_clip_loss(new, old[sel], adv[sel], hyper["clip"]).mean()
                 (grad,) = torch.autograd.grad(loss, w)
                 value_loss = 0.5 * ((xm @ v - returns[sel]) ** 2).mean()
@@ -259,7 +261,8 @@ def naive_ppo(data, seed, *, beta, lr, steps, hyper):
         if target > 0:  # Ziegler et al.'s controller, from its definition
             beta *= 1 + min(max(kl / target - 1, -0.2), 0.2) / horizon
         out.append(w.detach().clone())
-    return torch.stack(out) - w0
+        ratio_stats.append((np.mean(means), np.var(means, ddof=1)))
+    return torch.stack(out) - w0, np.array(ratio_stats)
 
 
 @pytest.mark.parametrize("hyper", [
@@ -274,8 +277,11 @@ def test_ppo_equals_a_naive_autograd_loop_on_its_clipped_surrogate(hyper):
     sim = simulate_sample(data, seeds=[3], beta=0.9, lr=0.8, steps=6, reference=W0,
                           objective=rl(estimator="ppo", **hyper), reward_head=HEAD3,
                           delta0=START, keep_deltas=True)
-    want = naive_ppo(data, 3, beta=0.9, lr=0.8, steps=6, hyper=hyper)
+    want, ratios = naive_ppo(data, 3, beta=0.9, lr=0.8, steps=6, hyper=hyper)
     assert_close(sim.deltas[:, 0, 0], want, CLOSED_FORM)
+    # TRL's val/ratio (mean over the updates of each one's mean ratio) and val/ratio_var
+    assert_close(sim.per_run["val/ratio"][1:, 0, 0], ratios[1:, 0], CLOSED_FORM)
+    assert_close(sim.per_run["val/ratio_var"][1:, 0, 0], ratios[1:, 1], CLOSED_FORM)
     assert np.nanmax(sim.per_run["policy/clipfrac"]) > 0  # the clipping was exercised
 
 
