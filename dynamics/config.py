@@ -151,6 +151,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "n": Key(2000, _int(ge=2), "training statements per seed (≥ 2), split across "
                  "behaviors by weight"),
         "batch_size": Key(None, _int(ge=1), "minibatch size ≤ n (omit for full-batch GD)"),
+        "heldout_n": Key(None, _int(ge=2), "statements per seed of a held-out sample (omit for "
+                         "none): adds heldout/<metric> columns (theory: the population's)"),
         "seeds": Key(4, _seeds, "a count N (seeds 0..N−1) or a list of seeds"),
         "dtype": Key("float32", _choice(["float32", "float64"]), "simulation precision"),
         "device": Key("cpu", _choice(["cpu", "cuda", "auto"]), "cpu, cuda, or auto (cuda "

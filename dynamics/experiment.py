@@ -85,7 +85,9 @@ def _memory_terms(config: dict) -> dict[str, int]:
         + (0 if pretrain is None else 2 * seeds * pretrain_n * dim * (8 + item))
         # RL: reference logits and rewards on the training prompts, task and trained
         # rewards on the evaluated ones, and the rollout's logits and returns
-        + (6 * seeds * vocab * n * item if rl else 0),
+        + (6 * seeds * vocab * n * item if rl else 0)
+        # a held-out sample: its draws, features and signed copy, and its evaluator's rows
+        + seeds * train.get("heldout_n", 0) * (dim * (8 + 8 + 2 * item) + 7 * item),
         # the recorded (E, S, P, K, 7) metrics and the tidy table built from them
         "metrics": recorded * seeds * behaviors * (7 * 8 + _FRAME_BYTES_PER_ROW),
     }
@@ -214,7 +216,8 @@ def run_experiment(config: dict, *, progress: bool = True) -> pd.DataFrame:
                                            progress=lambda k: bar.update(1),
                                            reward_head=model.get("reward_head"),
                                            pretrain=pretrain, pretrain_n=pretrain_n,
-                                           reward_scales=reward_scales_of(config))
+                                           reward_scales=reward_scales_of(config),
+                                           heldout=_heldout(problem, train, dtype))
         if theory["bounds"]:
             full_batch = train.get("batch_size", train["n"]) == train["n"]
             for frame, result in zip(recorded, _recorded(results, phases)):
@@ -234,6 +237,18 @@ def run_experiment(config: dict, *, progress: bool = True) -> pd.DataFrame:
     finally:
         bar.close()
     return pd.concat(frames, ignore_index=True)
+
+
+_HELDOUT_TAG = 0x68656c64  # "held": the held-out sample's stream, apart from the training one
+
+
+def _heldout(problem, train: dict, dtype):
+    """Each seed's held-out sample (``train.heldout_n``), or None."""
+    if "heldout_n" not in train:
+        return None
+    streams = [np.random.default_rng([int(seed), _HELDOUT_TAG]) for seed in train["seeds"]]
+    return sample_batch(problem, train["heldout_n"], streams, dtype=dtype,
+                        device=resolve_device(train["device"]))
 
 
 def _recorded(items: list, phases) -> list:

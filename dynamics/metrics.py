@@ -34,7 +34,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-__all__ = ["METRICS", "BEHAVIOR_METRICS", "RL_METRICS", "RUN_STATISTICS", "tidy_frame",
+__all__ = ["METRICS", "BEHAVIOR_METRICS", "RL_METRICS", "RUN_STATISTICS", "HELDOUT_METRICS",
+           "tidy_frame",
            "tie_half", "pair_metrics"]
 
 BEHAVIOR_METRICS = ("loss", "accuracy", "reward_accuracy", "rewards/chosen", "rewards/rejected",
@@ -47,8 +48,12 @@ RUN_STATISTICS = ("policy/clipfrac", "policy/approxkl", "loss/value", "val/ratio
                   "val/ratio_var", "objective/kl_coef", "pretrain/loss")
 """Per run: a sampled estimator's update statistics (TRL's PPO names), and, with a
 pretraining distribution, the alignment tax ``E_pretrain[−log π(y|g)]`` (NaN elsewhere)."""
+HELDOUT_METRICS = ("loss", "accuracy", "reward_accuracy", "clean_accuracy", "objective/kl",
+                   "objective/rlhf_reward")
+"""Also reported on a held-out sample (``train.heldout_n``) as ``heldout/<metric>``; for
+the theory they are the population's own (the expectation on unseen data)."""
 METRICS = (BEHAVIOR_METRICS[:3] + ("weight_change",) + BEHAVIOR_METRICS[3:] + RL_METRICS
-           + RUN_STATISTICS)
+           + RUN_STATISTICS + tuple(f"heldout/{m}" for m in HELDOUT_METRICS))
 
 
 def tidy_frame(
@@ -91,6 +96,8 @@ def tidy_frame(
             values = per_run[name][ei, si, pi]
         elif name in per_behavior:
             values = per_behavior[name][ei, si, pi, ki]
+        elif source == "theory" and name.startswith("heldout/") and name[8:] in per_behavior:
+            values = per_behavior[name[8:]][ei, si, pi, ki]  # the population is unseen data
         else:
             values = np.full(len(ei), np.nan)
         frame[name] = np.asarray(values, dtype=np.float64)

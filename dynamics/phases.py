@@ -190,6 +190,7 @@ def run_simulation(data: PreferenceSample, phases: Sequence[Phase], *, seeds, be
                    reference: np.ndarray, eval_every: int, batch_size: int | None = None,
                    progress: Callable[[int], None] | None = None, reward_head=None,
                    pretrain=None, pretrain_n: int | None = None, reward_scales=None,
+                   heldout: PreferenceSample | None = None,
                    ) -> tuple[list[pd.DataFrame], list]:
     """Every seed through every phase: the recorded frames and, per phase, its
     :class:`~dynamics.simulate.SimulationResult`. ``reward_head``: ``Φ`` at the
@@ -206,8 +207,10 @@ def run_simulation(data: PreferenceSample, phases: Sequence[Phase], *, seeds, be
         obj, _ = resolve_objective(phase.objective)
         block = state[obj.block]
         theta0 = read_view(obj, block)
-        sample = (dataclasses.replace(data, signs=-data.signs, true_signs=-data.true_signs)
-                  if phase.flip else data)
+        flip = lambda d: (None if d is None else  # noqa: E731
+                          dataclasses.replace(d, signs=-d.signs, true_signs=-d.true_signs))
+        sample = flip(data) if phase.flip else data
+        held = flip(heldout) if phase.flip else heldout
         ref, base = _phase_reference(obj, {k: v[:, 0] for k, v in state.items()}, w0)
         result = simulate_sample(
             sample, seeds=seeds, beta=beta, lr=phase.lr, steps=phase.steps,
@@ -216,7 +219,9 @@ def run_simulation(data: PreferenceSample, phases: Sequence[Phase], *, seeds, be
             eval_every=eval_every if phase.record else phase.steps,
             train_behaviors=phase.behaviors, progress=progress,
             reward_head=_head_for(obj, state["reward"][:, 0], index), pretrain=pretrain,
-            pretrain_n=pretrain_n, reward_scales=reward_scales)
+            pretrain_n=pretrain_n, reward_scales=reward_scales,
+            heldout=None if held is None else dataclasses.replace(
+                held, features=held.features.to(dtype)))
         if base is not None and bool(torch.any(base != 0)):
             _correct_simulation(result, sample, w0, base, beta)
         if obj.block == "reward":

@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from dynamics.metrics import tidy_frame
+from dynamics.metrics import HELDOUT_METRICS, tidy_frame
 from dynamics.model import NO, YES
 from dynamics.objectives import OBJECTIVES, resolve_objective
 from synthetic.problem import Problem
@@ -124,6 +124,7 @@ def simulate_sample(
     pretrain=None,
     pretrain_n: int | None = None,
     reward_scales=None,
+    heldout: PreferenceSample | None = None,
 ) -> SimulationResult:
     """Train on a batched sample (``data.features`` of shape ``(S, n, d)``).
 
@@ -138,7 +139,9 @@ def simulate_sample(
     ``reward_scales`` (one factor per behavior, default 1) multiplies the reward of
     each behavior's prompts: the task reward RL maximises and ``objective/scores``
     reports (with ``score = "advantage"`` RL maximises the advantage model's score
-    instead, :class:`_Rewards`).
+    instead, :class:`_Rewards`). ``heldout`` (a sample shaped like ``data`` but for its
+    ``n``) adds the metrics of :data:`dynamics.metrics.HELDOUT_METRICS` on it, named
+    ``heldout/<metric>``: generalisation, and the tax on held-out preference pairs.
 
     ``train_behaviors`` (indices into ``data.names``; default all) restricts the
     training set to those behaviors' statements; metrics are still reported for
@@ -219,13 +222,22 @@ def simulate_sample(
     else:
         run = _MarginEngine(data, train, obj, hyper, beta_np, lr_np, w0, theta, batch_size,
                             seeds)
+    if heldout is not None:
+        if heldout.features.shape[0] != num_seeds or heldout.features.shape[2] != dim:
+            raise ParameterError("heldout", tuple(heldout.features.shape),
+                                 f"must have shape ({num_seeds}, m, {dim})")
+        run.add_heldout(heldout)
     record = np.unique(np.r_[np.arange(0, steps + 1, eval_every), steps])
     wanted = set(record.tolist())
     store: dict[str, list] = {}
     norms, kept, stats = [], [], []
     for k in range(steps + 1):
         if k in wanted:
-            for name, value in run.evaluate().items():
+            values = run.evaluate()
+            if heldout is not None:
+                held = run.evaluate_heldout()
+                values.update({f"heldout/{m}": held[m] for m in HELDOUT_METRICS if m in held})
+            for name, value in values.items():
                 store.setdefault(name, []).append(value)  # (S, P, K)
             norms.append(run.weight_change())
             stats.append(dict(getattr(run, "stats", {})))
@@ -407,7 +419,7 @@ class _MarginEngine:
         signed = theta * self.row_signs  # θ̃
         self.param = signed.reshape(num_seeds, -1, dim) * self.to_param  # (S, P·R, d)
         self.evaluator = _Evaluator(data, self.xs, w0, obj, hyper, beta_t[:, None], rows)
-        self.w0 = w0
+        self.w0, self.beta_t = w0, beta_t
         # The step's (S, P·R, B) margins land in one buffer allocated once (a fresh
         # tensor per step measured ~5% slower at n = 500, d = 16); the full-batch
         # margins of an evaluation are reused by the next full-batch step.
@@ -427,6 +439,18 @@ class _MarginEngine:
         if self.obj.block != "policy":
             return torch.zeros(self.shape[:2], dtype=self.param.dtype, device=self.param.device)
         return self.theta()[:, :, 0].norm(dim=-1) / np.sqrt(2)
+
+    def add_heldout(self, heldout) -> None:
+        """Evaluate on ``heldout`` too (:meth:`evaluate_heldout`)."""
+        xs = heldout.features * heldout.signs[..., None]
+        self.heldout_xs_t = xs.transpose(1, 2)
+        self.heldout_eval = _Evaluator(heldout, xs, self.w0, self.obj, self.hyper,
+                                       self.beta_t[:, None], self.shape[2])
+
+    def evaluate_heldout(self) -> dict[str, torch.Tensor]:
+        w = torch.bmm(self.param, self.heldout_xs_t)
+        return self.heldout_eval(w.view(*self.shape[:3], -1),
+                                 self.to_param.view(-1, self.shape[2], 1))
 
     def policy(self) -> torch.Tensor:
         """The policy ``W`` ``(S, P, V, d)``: the reference with ``±θ/2`` on Yes/No for
@@ -485,7 +509,8 @@ class _SoftmaxEngine:
         self.beta = torch.as_tensor(beta, dtype=dtype, device=device).view(1, -1, 1, 1)
         self.scale = (-lr_t / (batch_size or n)).repeat_interleave(vocab)[:, None]  # (P·V, 1)
         self.weights = (theta + self.w0).reshape(num_seeds, -1, dim)  # (S, P·V, d)
-        self.full_context, eval_rewards = {}, None
+        self.full_context = {}
+        self.data_names = data.names
         if rewards is not None:
             k = len(data.names)
             task = rewards.task(self.x, train.behavior)
@@ -494,18 +519,15 @@ class _SoftmaxEngine:
             w0_all = self.w0[:, 0].expand(num_seeds, -1, -1)
             self.full_context = {"reference": torch.bmm(w0_all, self.x.transpose(1, 2))[:, None],
                                  "rewards": trained, "beta": self.beta}
-            eval_task = rewards.task(x, data.behavior)
-            eval_rewards = (eval_task, rewards.trained(eval_task, self._logits(self.x_t),
-                                                       data.behavior, k))
             if hyper.get("rehearsal", "none") == "selective":
                 # RL on the prompts the starting policy answers below select_below in
                 # expected task reward; the others rehearse their demonstrations
                 self.full_context["mask"] = self._rl_mask(task, self.x.transpose(1, 2))
                 self.full_context["chosen"] = self.chosen
-                eval_rewards += (self._rl_mask(eval_task, self.x_t), hyper["rehearsal_coef"])
-        self.evaluator = _Evaluator(data, x * s[..., None], w0, obj, {},
-                                    torch.as_tensor(beta, dtype=dtype, device=device)[:, None],
-                                    vocab, eval_rewards)
+        self.beta_col = torch.as_tensor(beta, dtype=dtype, device=device)[:, None]  # (P, 1)
+        self.w0_given, self.start = w0, self.weights.clone()
+        self.evaluator = _Evaluator(data, x * s[..., None], w0, obj, {}, self.beta_col, vocab,
+                                    self._eval_rewards(x, data.behavior))
         self.batches = _BatchStream(seeds, n, batch_size, device) if batch_size else None
         self.ptx = ptx if ptx is not None and ptx.coef > 0 else None
 
@@ -521,6 +543,37 @@ class _SoftmaxEngine:
         rows = coef.flatten(1, 2).mul_(-self.lr.repeat_interleave(self.shape[2])[:, None]
                                        / self.ptx.x.shape[1])
         return rows, self.ptx.x
+
+    def _eval_rewards(self, x, behavior):
+        """What the evaluator of prompts ``x`` ``(S, m, d)`` needs for RL: the task
+        reward, the trained score (at the starting policy), and selective rehearsal's
+        mask and weight; None for other objectives."""
+        if self.rewards is None:
+            return None
+        weights, self.weights = self.weights, self.start  # the phase's starting policy
+        try:
+            x_t = x.transpose(1, 2)
+            task = self.rewards.task(x, behavior)
+            out = (task, self.rewards.trained(task, self._logits(x_t), behavior,
+                                              len(self.data_names)))
+            if self.hyper.get("rehearsal", "none") == "selective":
+                out += (self._rl_mask(task, x_t), self.hyper["rehearsal_coef"])
+        finally:
+            self.weights = weights
+        return out
+
+    def add_heldout(self, heldout) -> None:
+        """Evaluate on ``heldout`` too (:meth:`evaluate_heldout`)."""
+        x = heldout.features
+        self.heldout_x_t = x.transpose(1, 2)
+        self.heldout_chosen = torch.where(heldout.signs > 0, YES, NO)[:, None, None, :]
+        self.heldout_eval = _Evaluator(heldout, x * heldout.signs[..., None], self.w0_given,
+                                       self.obj, {}, self.beta_col, self.shape[2],
+                                       self._eval_rewards(x, heldout.behavior))
+
+    def evaluate_heldout(self) -> dict[str, torch.Tensor]:
+        change = torch.bmm(self.theta().flatten(1, 2), self.heldout_x_t)
+        return self.heldout_eval.softmax(change.view(*self.shape[:3], -1), self.heldout_chosen)
 
     def _rl_mask(self, task: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
         """``1[E_{π_start}[r(g, ·)] < select_below]`` ``(S, P, 1, n)`` (selective rehearsal)."""

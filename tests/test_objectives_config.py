@@ -232,9 +232,11 @@ HEAD = "[[0.5, -0.2, 0.1], [-0.5, 0.2, -0.1], [0.0, 0.3, 0.0]]"
 def test_every_objective_runs_end_to_end(tmp_path):
     for name in OBJECTIVES:
         head = [f"model.reward_head={HEAD}"] if OBJECTIVES[name].data == "prompts" else []
-        cfg = config(overrides=[f"train.objective={name}", "train.steps=3", *head])
+        cfg = config(overrides=[f"train.objective={name}", "train.steps=3",
+                                "train.heldout_n=20", *head])
         frame = run_experiment(cfg, progress=False)
         assert np.isfinite(frame["loss"]).all() and set(frame["objective"]) == {name}
+        assert np.isfinite(frame["heldout/accuracy"]).all(), name
         resolved = tomllib.loads(dump_config(cfg))
         assert load_config(None, text=dump_config(cfg)) == cfg, resolved
 

@@ -757,3 +757,51 @@ def test_the_advantage_model_with_one_task_is_reinforce_with_the_expected_baseli
                                              kl_in="loss"), reward_scales=[1 / sigma], **common)
     assert_close(adv.deltas[1], ref.deltas[1], CLOSED_FORM)
     assert not torch.allclose(adv.deltas[2], ref.deltas[2])  # the baselines part afterwards
+
+
+# ============================================================================ held-out pairs
+
+@pytest.mark.parametrize("objective", ["dpo", "rlhf", "sft"])
+def test_heldout_metrics_are_the_definitions_on_the_heldout_sample(objective):
+    """Train on one sample, report on another: each ``heldout/`` metric equals the
+    naive per-example value on the held-out statements at the trained policy."""
+    data = sample_batch(problem(), 60, [0], dtype=torch.float64)
+    held = sample_batch(problem(), 40, [np.random.default_rng([0, 1])], dtype=torch.float64)
+    head = {"reward_head": HEAD3} if objective == "rlhf" else {}
+    sim = simulate_sample(data, seeds=[0], beta=0.8, lr=0.3, steps=3, reference=W0,
+                          objective=objective, heldout=held, keep_deltas=True, **head)
+    g, s, w0 = held.features[0], held.signs[0], torch.as_tensor(W0)
+    for k in range(4):
+        theta = sim.deltas[k, 0, 0]
+        w = w0 + (theta if objective != "dpo" else torch.stack(
+            [theta / 2, -theta / 2, torch.zeros_like(theta)]))
+        logp, logp0 = torch.log_softmax(g @ w.T, -1), torch.log_softmax(g @ w0.T, -1)
+        pos = s > 0
+        ranking = torch.where(pos, 1.0, -1.0) * (logp[:, YES] - logp[:, NO])
+        per = {"accuracy": (ranking > 0).double() + 0.5 * (ranking == 0).double(),
+               "objective/kl": (logp.exp() * (logp - logp0)).sum(-1)}
+        if objective == "rlhf":
+            per["objective/rlhf_reward"] = (logp.exp() * (g @ torch.as_tensor(HEAD3).T
+                                                          - 0.8 * (logp - logp0))).sum(-1)
+        for name, values in per.items():
+            want = [values[held.behavior == i].mean() for i in range(2)]
+            assert_close(sim.per_behavior[f"heldout/{name}"][k, 0, 0], torch.stack(want),
+                         CLOSED_FORM, err_msg=name)
+    assert not np.allclose(sim.per_behavior["heldout/accuracy"][-1],
+                           sim.per_behavior["accuracy"][-1])  # another sample
+
+
+@pytest.mark.cli
+def test_heldout_n_adds_columns_and_the_theory_fills_them_with_the_population(tmp_path):
+    import pandas as pd
+
+    from dynamics.cli import main
+
+    path = tmp_path / "c.toml"
+    path.write_text(RL_CONFIG + "heldout_n = 50\n")
+    assert main(["run", str(path), "--out", str(tmp_path / "o"), "--quiet"]) == 0
+    frame = pd.read_parquet(tmp_path / "o" / "metrics.parquet")
+    theory, sim = frame[frame["source"] == "theory"], frame[frame["source"] == "simulation"]
+    assert (theory["heldout/accuracy"] == theory["accuracy"]).all()
+    assert sim["heldout/accuracy"].notna().all() and sim["heldout/loss"].notna().all()
+    assert not (sim["heldout/accuracy"] == sim["accuracy"]).all()
