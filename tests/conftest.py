@@ -105,3 +105,24 @@ def _np(value) -> np.ndarray:
     if isinstance(value, torch.Tensor):
         return value.detach().cpu().double().numpy()
     return np.asarray(value, dtype=np.float64)
+
+
+def run_shrunk_sweeps(root, configs: dict, shrunk: dict) -> dict:
+    """Run figure sweeps shrunk for tests: ``configs`` maps a config's stem to its path,
+    ``shrunk`` maps it to ``(text substitutions, grids, overrides, seeds)`` (the
+    substitutions reach values a ``--set`` cannot, e.g. steps inside swept phase
+    tables); returns each stem's loaded sweep."""
+    from dynamics.sweep import load_plan, load_sweep, run_sweep
+
+    assert sorted(configs) == sorted(shrunk)
+    out = {}
+    for stem, (subs, grids, overrides, seeds) in shrunk.items():
+        text = configs[stem].read_text(encoding="utf-8")
+        for old, new in subs.items():
+            assert old in text, (stem, old)
+            text = text.replace(old, new)
+        plan = load_plan(configs[stem], grids=grids, seeds=seeds, overrides=overrides, text=text)
+        report = run_sweep(plan, root / stem, jobs=1, threads=1, progress=False)
+        assert not report.failed and not report.missing, report.failed
+        out[stem] = load_sweep(root / stem)
+    return out

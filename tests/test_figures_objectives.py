@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import CLOSED_FORM, QUADRATURE, assert_close
+from conftest import CLOSED_FORM, QUADRATURE, assert_close, run_shrunk_sweeps
 from dynamics.bounds import priority_scores
 from dynamics.config import build_problem
 from dynamics.objectives import OBJECTIVES
@@ -18,26 +18,16 @@ from figures.objectives import matched, noise_table, objective_label, priority_t
 pytestmark = pytest.mark.sweep
 
 SHRUNK = {
-    "objectives_priority": ([], ["train.steps=12", "train.n=300"], "0:3"),
-    "objectives_noise": (["problem.label_noise=0.0,0.2,0.4"],
+    "objectives_priority": ({}, [], ["train.steps=12", "train.n=300"], "0:3"),
+    "objectives_noise": ({}, ["problem.label_noise=0.0,0.2,0.4"],
                          ["train.steps=20", "train.n=300", "train.eval_every=5"], "0:3"),
 }
 
 
 @pytest.fixture(scope="module")
 def stored(tmp_path_factory):
-    from dynamics.sweep import load_plan, load_sweep, run_sweep
-
-    root = tmp_path_factory.mktemp("objectives")
     configs = {path.stem: path for path in sweep_configs("objectives")}
-    assert sorted(configs) == sorted(SHRUNK)
-    out = {}
-    for stem, (grids, overrides, seeds) in SHRUNK.items():
-        plan = load_plan(configs[stem], grids=grids, seeds=seeds, overrides=overrides)
-        report = run_sweep(plan, root / stem, jobs=1, threads=1, progress=False)
-        assert not report.failed and not report.missing, report.failed
-        out[stem] = load_sweep(root / stem)
-    return out
+    return run_shrunk_sweeps(tmp_path_factory.mktemp("objectives"), configs, SHRUNK)
 
 
 def test_the_priority_sweep_covers_every_registered_objective(stored):

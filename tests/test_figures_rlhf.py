@@ -10,7 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import CLOSED_FORM, FLOAT32, QUADRATURE, Z_SCORE, assert_close, mc_tolerance
+from conftest import (CLOSED_FORM, FLOAT32, QUADRATURE, Z_SCORE, assert_close, mc_tolerance,
+                      run_shrunk_sweeps)
 from dynamics.bounds import priority_scores
 from dynamics.config import build_problem, objective_name
 from figures import FIGURES, render, sweep_configs
@@ -44,23 +45,9 @@ SHRUNK = {
 
 @pytest.fixture(scope="module")
 def stored(tmp_path_factory):
-    from dynamics.sweep import load_plan, load_sweep, run_sweep
-
-    root = tmp_path_factory.mktemp("rlhf")
     configs = {path.stem: path for name in ("rlhf_priority", "rlhf_vs_dpo")
                for path in sweep_configs(name)}
-    assert sorted(configs) == sorted(SHRUNK)
-    out = {}
-    for stem, (subs, grids, overrides, seeds) in SHRUNK.items():
-        text = configs[stem].read_text(encoding="utf-8")
-        for old, new in subs.items():
-            assert old in text, (stem, old)
-            text = text.replace(old, new)
-        plan = load_plan(configs[stem], grids=grids, seeds=seeds, overrides=overrides, text=text)
-        report = run_sweep(plan, root / stem, jobs=1, threads=1, progress=False)
-        assert not report.failed and not report.missing, report.failed
-        out[stem] = load_sweep(root / stem)
-    return out
+    return run_shrunk_sweeps(tmp_path_factory.mktemp("rlhf"), configs, SHRUNK)
 
 
 def _phase_names(config):

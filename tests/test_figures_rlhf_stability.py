@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import CLOSED_FORM, FLOAT32, QMC, assert_close, mc_tolerance
+from conftest import CLOSED_FORM, FLOAT32, QMC, assert_close, mc_tolerance, run_shrunk_sweeps
 from dynamics.config import objective_name, pretraining_of
 from figures import FIGURES, render, sweep_configs
 from figures.rlhf_stability import (
@@ -43,22 +43,8 @@ SMALL = "A (scale 1)"
 
 @pytest.fixture(scope="module")
 def stored(tmp_path_factory):
-    from dynamics.sweep import load_plan, load_sweep, run_sweep
-
-    root = tmp_path_factory.mktemp("stability")
     configs = {path.stem: path for path in sweep_configs("rlhf_stability")}
-    assert sorted(configs) == sorted(SHRUNK)
-    out = {}
-    for stem, (subs, grids, overrides, seeds) in SHRUNK.items():
-        text = configs[stem].read_text(encoding="utf-8")
-        for old, new in subs.items():
-            assert old in text, (stem, old)
-            text = text.replace(old, new)
-        plan = load_plan(configs[stem], grids=grids, seeds=seeds, overrides=overrides, text=text)
-        report = run_sweep(plan, root / stem, jobs=1, threads=1, progress=False)
-        assert not report.failed and not report.missing, report.failed
-        out[stem] = load_sweep(root / stem)
-    return out
+    return run_shrunk_sweeps(tmp_path_factory.mktemp("stability"), configs, SHRUNK)
 
 
 def _full(stem: str) -> dict:
