@@ -267,7 +267,7 @@ class PopulationFlow:
     def __init__(self, mixture: Mixture, *, beta: float, reference: np.ndarray,
                  objective="dpo", panel_width: float = 2.0,
                  qmc_points: int = 8192, qmc_seed: int = 0, reward_head=None, pretrain=None,
-                 reward_scales=None):
+                 reward_scales=None, prompt_offset=None):
         self.mixture = mixture
         self.beta = check_number("beta", beta, gt=0)
         self.objective, self.hyper = resolve_objective(objective)
@@ -291,6 +291,14 @@ class PopulationFlow:
                                  f"is required by {self.objective.name!r}: a reward head Φ of "
                                  f"shape {tuple(self.w0.shape)}")
         self._context = None
+        # context distillation: the offset c a prompt adds, and the prompted starting
+        # policy's logits at the cloud (fix_start)
+        self.offset = None if prompt_offset is None else t(check_finite_array(
+            "prompt_offset", prompt_offset, (mixture.dim,)))
+        if self.offset is None and self.objective.data == "context":
+            raise ParameterError("prompt_offset", None, f"is required by {self.objective.name!r}"
+                                 f": the offset c (length {mixture.dim}) a prompt adds")
+        self._teacher = None
         # RL's reward per component: the task reward s_k φ_yᵀg (reward_scales), or the
         # advantage model's score once fix_start has seen the starting policy
         scales = (np.ones(mixture.num_behaviors) if reward_scales is None
@@ -645,7 +653,11 @@ class PopulationFlow:
 
     def _cloud_context(self) -> dict:
         """What an objective on prompts reads at the cloud: reference logits and
-        rewards ``(C, V, M)``, and ``β``."""
+        rewards ``(C, V, M)``, and ``β``; context distillation: the teacher's logits."""
+        if self.objective.data == "context":
+            if self._teacher is None:
+                self.fix_start(np.zeros(tuple(self.w0.shape)))
+            return {"teacher": self._teacher}
         if self.objective.data != "prompts":
             return {}
         if self._context is None:
@@ -668,7 +680,13 @@ class PopulationFlow:
         * selective rehearsal: the prompts with ``b(g) < select_below`` (not yet
           answered well) are RL's, the others rehearse the demonstrations.
 
+        Context distillation: the teacher, ``(W0 + start)(g + c)`` at the cloud.
+
         A no-op for other objectives and for the raw reward without rehearsal."""
+        if self.objective.data == "context":
+            start = torch.as_tensor(np.asarray(start, dtype=np.float64)).reshape(self.w0.shape)
+            self._teacher = (self.w0 + start) @ (self._cloud() + self.offset).transpose(1, 2)
+            return
         if self.objective.data != "prompts":
             return
         start = torch.as_tensor(np.asarray(start, dtype=np.float64)).reshape(self.w0.shape)

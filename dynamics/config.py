@@ -141,6 +141,9 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "reward_head": Key(None, _any, "a reward head Φ as a V×d nested list, r(g, y) = "
                            "φ_yᵀg: the start of the reward head (default 0), which an rlhf "
                            "phase maximises when no reward_model phase trains one first"),
+        "prompt_offset": Key(None, _any, "the offset c (length d) a prompt adds to the "
+                             "embedding: distill trains the unprompted policy towards the "
+                             "phase's starting policy seeing g + c"),
     },
     "train": {
         "objective": Key("dpo", _train_objective, _objective_doc()),
@@ -295,6 +298,9 @@ def parse_config(raw: dict) -> dict:
         if key in model:
             check_finite_array(f"model.{key}", model[key],
                                (model["vocab_size"], config["problem"]["dim"]))
+    if "prompt_offset" in model:
+        model["prompt_offset"] = check_finite_array("model.prompt_offset", model["prompt_offset"],
+                                                    (config["problem"]["dim"],)).tolist()
     _check_reward_heads(config)
     _check_pretrain(config)
     problem = build_problem(config)  # every numeric check on means and covariances, with paths
@@ -377,6 +383,9 @@ def _check_reward_heads(config: dict) -> None:
         if obj.data == "prompts" and not have:
             raise ParameterError(path, obj.name, "needs a reward head: a reward_model (or "
                                  "binary) phase before it, or model.reward_head")
+        if obj.data == "context" and "prompt_offset" not in config["model"]:
+            raise ParameterError(path, obj.name, "needs model.prompt_offset: the offset c "
+                                 "(length problem.dim) a prompt adds to the embedding")
 
 
 def _phases(phases, given: dict, behaviors: list) -> list[dict]:

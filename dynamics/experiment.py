@@ -194,7 +194,8 @@ def run_experiment(config: dict, *, progress: bool = True) -> pd.DataFrame:
                                                 eval_every=every, progress=bar.update,
                                                 reward_head=model.get("reward_head"),
                                                 pretrain=pretrain,
-                                                reward_scales=reward_scales_of(config), **flow)
+                                                reward_scales=reward_scales_of(config),
+                                                prompt_offset=model.get("prompt_offset"), **flow)
             if theory["bounds"]:
                 for frame, trajectory in zip(recorded, _recorded(trajectories, phases)):
                     values = np.full((len(trajectory.steps), len(problem.names),
@@ -217,7 +218,8 @@ def run_experiment(config: dict, *, progress: bool = True) -> pd.DataFrame:
                                            reward_head=model.get("reward_head"),
                                            pretrain=pretrain, pretrain_n=pretrain_n,
                                            reward_scales=reward_scales_of(config),
-                                           heldout=_heldout(problem, train, dtype))
+                                           heldout=_heldout(problem, train, dtype),
+                                           prompt_offset=model.get("prompt_offset"))
         if theory["bounds"]:
             full_batch = train.get("batch_size", train["n"]) == train["n"]
             for frame, result in zip(recorded, _recorded(results, phases)):

@@ -21,8 +21,9 @@ policy ``W = W0 + D`` (``π(y|g) = softmax(W g)_y``) and a reward head ``Φ``
 
 * ``data``: what it consumes: ``pairs`` (chosen and rejected answer), ``labels``
   (each answer alone with a good/bad label), ``demonstrations`` (the chosen
-  answer only) or ``prompts`` (the policy answers; a frozen reward head scores
-  it: RL);
+  answer only), ``prompts`` (the policy answers; a frozen reward head scores
+  it: RL) or ``context`` (prompts with a teacher: the starting policy seeing the
+  embedding shifted by a prompt's offset ``c``; context distillation);
 * its own hyperparameters (:class:`Hyper`: default, rule, doc), beside the shared
   ``beta`` when ``uses_beta``;
 * the per-sample loss and its derivatives: for the margin views ``ℓ(h)``, ``ℓ'(h)``
@@ -52,7 +53,8 @@ from synthetic.validation import (ParameterError, check_choice, check_integer, c
 __all__ = ["Hyper", "Objective", "OBJECTIVES", "get_objective", "resolve_objective",
            "dpo_loss", "dpo_margin_loss", "cdpo_margin_loss", "robust_dpo_margin_loss",
            "ipo_margin_loss", "hinge_margin_loss", "reward_model_loss", "binary_loss",
-           "sft_loss", "rlhf_loss", "kl_to_reference", "reinforce_loss", "ppo_clip_loss",
+           "sft_loss", "rlhf_loss", "distill_loss", "kl_to_reference", "reinforce_loss",
+           "ppo_clip_loss",
            "VIEWS", "GAIN", "objectives_reference"]
 
 VIEWS = ("difference", "rows", "all")
@@ -162,6 +164,19 @@ def rlhf_loss(logits: torch.Tensor, chosen=None, *, reference: torch.Tensor,
     logp = torch.log_softmax(logits, dim=-2)
     gain = rewards - beta * (logp - torch.log_softmax(reference, dim=-2))
     return -(logp.exp() * gain).sum(-2)
+
+
+def distill_loss(logits: torch.Tensor, chosen=None, *, teacher: torch.Tensor) -> torch.Tensor:
+    """Context distillation (Askell et al. 2021): ``KL(π_T ‖ π) = Σ_y π_T(y)(log π_T(y) −
+    log π(y))`` per prompt, with ``π_T = softmax(teacher)`` the prompted policy's
+    answers; logits and teacher ``(..., V, n)`` → ``(..., n)``. ``chosen`` is not read."""
+    log_t = torch.log_softmax(teacher, dim=-2)
+    return (log_t.exp() * (log_t - torch.log_softmax(logits, dim=-2))).sum(-2)
+
+
+def _distill_grad(logits, chosen=None, *, teacher):
+    """``∂KL(π_T ‖ π)/∂logits = π − π_T``."""
+    return torch.softmax(logits, dim=-2) - torch.softmax(teacher, dim=-2)
 
 
 def kl_to_reference(logits: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
@@ -551,6 +566,12 @@ OBJECTIVES: dict[str, Objective] = {o.name: o for o in (
         "Ouyang et al. 2022 (InstructGPT); Stiennon et al. 2020; Schulman et al. 2017 (PPO)",
         "policy", "all", "prompts", hyper=_RLHF_HYPER,
         logit_loss=rlhf_loss, logit_grad=_rlhf_grad,
+    ),
+    Objective(
+        "distill", "KL(π_start(·|g + c) ‖ π(·|g)): the prompted starting policy's answers, "
+        "without the prompt", "Askell et al. 2021 (context distillation); Sun et al. 2023 "
+        "(principle engraving)", "policy", "all", "context", uses_beta=False,
+        logit_loss=distill_loss, logit_grad=_distill_grad,
     ),
     Objective(
         "sft", "−log π(y_w) = −log softmax(W g)_{y_w}",

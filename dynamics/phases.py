@@ -151,7 +151,7 @@ def _head_for(obj, head, index: int):
 
 def run_theory(mixture: Mixture, phases: Sequence[Phase], *, beta: float, reference: np.ndarray,
                eval_every: int, progress: Callable[[int], None] | None = None,
-               reward_head=None, pretrain=None, reward_scales=None,
+               reward_head=None, pretrain=None, reward_scales=None, prompt_offset=None,
                **flow) -> tuple[list[pd.DataFrame], list]:
     """The population through every phase: the recorded frames and, per phase,
     its trajectory (for bounds). ``reward_head``: ``Φ`` at the start (default 0)."""
@@ -170,7 +170,7 @@ def run_theory(mixture: Mixture, phases: Sequence[Phase], *, beta: float, refere
             eval_every=eval_every if phase.record else phase.steps,
             train_mixture=restrict_mixture(target, phase.behaviors),
             reward_head=_head_for(obj, state["reward"], index), pretrain=pretrain,
-            reward_scales=reward_scales, **flow)
+            reward_scales=reward_scales, prompt_offset=prompt_offset, **flow)
         if base is not None and np.any(base):
             _correct_theory(trajectory, PopulationFlow(target, beta=beta, reference=reference,
                                                        objective=phase.objective, **_qmc(flow)),
@@ -190,7 +190,7 @@ def run_simulation(data: PreferenceSample, phases: Sequence[Phase], *, seeds, be
                    reference: np.ndarray, eval_every: int, batch_size: int | None = None,
                    progress: Callable[[int], None] | None = None, reward_head=None,
                    pretrain=None, pretrain_n: int | None = None, reward_scales=None,
-                   heldout: PreferenceSample | None = None,
+                   heldout: PreferenceSample | None = None, prompt_offset=None,
                    ) -> tuple[list[pd.DataFrame], list]:
     """Every seed through every phase: the recorded frames and, per phase, its
     :class:`~dynamics.simulate.SimulationResult`. ``reward_head``: ``Φ`` at the
@@ -221,7 +221,7 @@ def run_simulation(data: PreferenceSample, phases: Sequence[Phase], *, seeds, be
             reward_head=_head_for(obj, state["reward"][:, 0], index), pretrain=pretrain,
             pretrain_n=pretrain_n, reward_scales=reward_scales,
             heldout=None if held is None else dataclasses.replace(
-                held, features=held.features.to(dtype)))
+                held, features=held.features.to(dtype)), prompt_offset=prompt_offset)
         if base is not None and bool(torch.any(base != 0)):
             _correct_simulation(result, sample, w0, base, beta)
         if obj.block == "reward":

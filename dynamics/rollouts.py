@@ -71,7 +71,7 @@ class RolloutEngine(_SoftmaxEngine):
     docstring); evaluation is the softmax engine's (exact over the answers)."""
 
     def __init__(self, data, train, obj, hyper, beta, lr, w0, theta, batch_size, seeds, rewards,
-                 ptx=None):
+                 ptx=None, offset=None):
         super().__init__(data, train, obj, hyper, beta, lr, w0, theta, None, seeds, rewards, ptx)
         self.n = self.x.shape[1]
         self.size = hyper["rollout_size"] or self.n

@@ -32,7 +32,8 @@ from dynamics.model import NO, YES
 from dynamics.objectives import OBJECTIVES, resolve_objective
 from synthetic.problem import Problem
 from synthetic.sampling import PreferenceSample, sample_batch
-from synthetic.validation import ParameterError, check_integer, check_number
+from synthetic.validation import (ParameterError, check_finite_array, check_integer,
+                                  check_number)
 
 __all__ = ["SimulationResult", "simulate", "simulate_sample"]
 
@@ -125,6 +126,7 @@ def simulate_sample(
     pretrain_n: int | None = None,
     reward_scales=None,
     heldout: PreferenceSample | None = None,
+    prompt_offset=None,
 ) -> SimulationResult:
     """Train on a batched sample (``data.features`` of shape ``(S, n, d)``).
 
@@ -142,6 +144,9 @@ def simulate_sample(
     instead, :class:`_Rewards`). ``heldout`` (a sample shaped like ``data`` but for its
     ``n``) adds the metrics of :data:`dynamics.metrics.HELDOUT_METRICS` on it, named
     ``heldout/<metric>``: generalisation, and the tax on held-out preference pairs.
+    ``prompt_offset`` (``c``, ``(d,)``) is what a prompt adds to the embedding: context
+    distillation (``distill``) trains the unprompted policy towards the phase's
+    starting policy seeing ``g + c``.
 
     ``train_behaviors`` (indices into ``data.names``; default all) restricts the
     training set to those behaviors' statements; metrics are still reported for
@@ -212,13 +217,20 @@ def simulate_sample(
                              f"must be <= the {len(train.behavior)} prompts trained on")
     ptx = _Pretrain.build(pretrain, pretrain_n or n, obj, hyper, seeds, w0.shape[1], dim, dtype,
                           device)
+    offset = None
+    if obj.data == "context":
+        if prompt_offset is None:
+            raise ParameterError("prompt_offset", None, f"is required by {obj.name!r}: the "
+                                 f"offset c (length {dim}) a prompt adds to the embedding")
+        offset = torch.as_tensor(check_finite_array("prompt_offset", prompt_offset, (dim,)),
+                                 dtype=dtype, device=device)
     if obj.view == "all":
         if sampled:
             from dynamics.rollouts import RolloutEngine as engine
         else:
             engine = _SoftmaxEngine
         run = engine(data, train, obj, hyper, beta_np, lr_np, w0, theta, batch_size, seeds,
-                     rewards, ptx)
+                     rewards, ptx, offset)
     else:
         run = _MarginEngine(data, train, obj, hyper, beta_np, lr_np, w0, theta, batch_size,
                             seeds)
@@ -491,7 +503,7 @@ class _SoftmaxEngine:
     """
 
     def __init__(self, data, train, obj, hyper, beta, lr, w0, theta, batch_size, seeds,
-                 rewards=None, ptx=None):
+                 rewards=None, ptx=None, offset=None):
         x, s = data.features, data.signs
         num_seeds, _, dim = x.shape
         n = train.features.shape[1]
@@ -511,6 +523,9 @@ class _SoftmaxEngine:
         self.weights = (theta + self.w0).reshape(num_seeds, -1, dim)  # (S, P·V, d)
         self.full_context = {}
         self.data_names = data.names
+        self.offset = offset
+        if offset is not None:  # context distillation's teacher: the start, prompted
+            self.full_context = {"teacher": self._logits((self.x + offset).transpose(1, 2))}
         if rewards is not None:
             k = len(data.names)
             task = rewards.task(self.x, train.behavior)
@@ -527,7 +542,7 @@ class _SoftmaxEngine:
         self.beta_col = torch.as_tensor(beta, dtype=dtype, device=device)[:, None]  # (P, 1)
         self.w0_given, self.start = w0, self.weights.clone()
         self.evaluator = _Evaluator(data, x * s[..., None], w0, obj, {}, self.beta_col, vocab,
-                                    self._eval_rewards(x, data.behavior))
+                                    self._eval_rewards(x, data.behavior), self._teacher(x))
         self.batches = _BatchStream(seeds, n, batch_size, device) if batch_size else None
         self.ptx = ptx if ptx is not None and ptx.coef > 0 else None
 
@@ -543,6 +558,17 @@ class _SoftmaxEngine:
         rows = coef.flatten(1, 2).mul_(-self.lr.repeat_interleave(self.shape[2])[:, None]
                                        / self.ptx.x.shape[1])
         return rows, self.ptx.x
+
+    def _teacher(self, x):
+        """Context distillation's teacher logits on prompts ``x`` (the starting policy
+        seeing ``g + c``), ``(S, P, V, m)``; None for other objectives."""
+        if self.offset is None:
+            return None
+        weights, self.weights = self.weights, self.start
+        try:
+            return self._logits((x + self.offset).transpose(1, 2))
+        finally:
+            self.weights = weights
 
     def _eval_rewards(self, x, behavior):
         """What the evaluator of prompts ``x`` ``(S, m, d)`` needs for RL: the task
@@ -569,7 +595,8 @@ class _SoftmaxEngine:
         self.heldout_chosen = torch.where(heldout.signs > 0, YES, NO)[:, None, None, :]
         self.heldout_eval = _Evaluator(heldout, x * heldout.signs[..., None], self.w0_given,
                                        self.obj, {}, self.beta_col, self.shape[2],
-                                       self._eval_rewards(x, heldout.behavior))
+                                       self._eval_rewards(x, heldout.behavior),
+                                       self._teacher(x))
 
     def evaluate_heldout(self) -> dict[str, torch.Tensor]:
         change = torch.bmm(self.theta().flatten(1, 2), self.heldout_x_t)
@@ -584,7 +611,7 @@ class _SoftmaxEngine:
     def objective_grad(self, logits, chosen, context) -> torch.Tensor:
         """``∂ℓ/∂logits`` of the objective, with selective rehearsal's imitation term on
         the prompts RL leaves (``context["mask"] = 0``)."""
-        keys = ("reference", "rewards", "beta")
+        keys = ("reference", "rewards", "beta", "teacher")
         coef = self.obj.logit_grad(logits, chosen, **{k: context[k] for k in keys
                                                       if k in context})
         if "mask" in context:
@@ -659,7 +686,7 @@ class _Evaluator:
       logits.
     """
 
-    def __init__(self, data, xs, w0, obj, hyper, beta, rows, rewards=None):
+    def __init__(self, data, xs, w0, obj, hyper, beta, rows, rewards=None, teacher=None):
         x, s, behavior = data.features, data.signs, data.behavior
         num_seeds, n, _ = x.shape
         num_configs = beta.shape[0]
@@ -672,6 +699,8 @@ class _Evaluator:
             x, s, xs, agree = x[:, order], s[:, order], xs[:, order], agree[:, order]
         # RL: the task reward (S, 1, V, n) for objective/scores and the trained score
         # (S, 1 or P, V, n) for the loss, in the evaluation order
+        self.teacher = (teacher if teacher is None or self.order is None
+                        else teacher.index_select(-1, self.order))  # distillation's targets
         self.rewards = self.loss_rewards = self.rl_mask = None
         if rewards is not None:
             ordered = [r if self.order is None else r.index_select(-1, self.order)
@@ -792,6 +821,8 @@ class _Evaluator:
         logits = self.logits0 + change
         context = ({"reference": self.logits0, "rewards": self.loss_rewards,
                     "beta": self.beta.view(-1, 1, 1)} if self.obj.data == "prompts" else {})
+        if self.teacher is not None:
+            context = {"teacher": self.teacher}
         value = self.obj.logit_loss(logits, chosen, **context)
         if self.rl_mask is not None:
             mask = self.rl_mask[:, :, 0]

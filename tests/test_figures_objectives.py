@@ -34,9 +34,10 @@ def test_the_priority_sweep_covers_every_registered_objective(stored):
     names = {c["train"]["objective"] if isinstance(c["train"]["objective"], str)
              else c["train"]["objective"]["name"]
              for c in stored["objectives_priority"].configs().values()}
-    # every objective trained on preference data; RL maximises a reward head and has
-    # its own figures (tests/test_rlhf.py)
-    assert names == {name for name, obj in OBJECTIVES.items() if obj.data != "prompts"}
+    # every objective trained on preference data; RL (a reward head) and context
+    # distillation (a prompt's teacher) have their own figures
+    assert names == {name for name, obj in OBJECTIVES.items()
+                     if obj.data not in ("prompts", "context")}
 
 
 def test_priority_table_against_naive_slopes(stored):

@@ -231,7 +231,8 @@ HEAD = "[[0.5, -0.2, 0.1], [-0.5, 0.2, -0.1], [0.0, 0.3, 0.0]]"
 
 def test_every_objective_runs_end_to_end(tmp_path):
     for name in OBJECTIVES:
-        head = [f"model.reward_head={HEAD}"] if OBJECTIVES[name].data == "prompts" else []
+        head = {"prompts": [f"model.reward_head={HEAD}"],
+                "context": ["model.prompt_offset=[0.5, -0.2, 0.1]"]}.get(OBJECTIVES[name].data, [])
         cfg = config(overrides=[f"train.objective={name}", "train.steps=3",
                                 "train.heldout_n=20", *head])
         frame = run_experiment(cfg, progress=False)

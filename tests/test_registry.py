@@ -47,10 +47,17 @@ def head_for(vocab: int, dim: int) -> np.ndarray:
     return np.random.default_rng(11).normal(size=(vocab, dim))
 
 
+OFFSET = np.array([0.8, -0.5, 0.3])
+"""The prompt's offset ``c`` of context distillation in these tests (d = 3)."""
+
+
 def extra(name: str, vocab: int, dim: int) -> dict:
-    """Keyword arguments an objective needs besides the data: a reward head for RL."""
-    return ({"reward_head": head_for(vocab, dim)} if OBJECTIVES[name].data == "prompts"
-            else {})
+    """Keyword arguments an objective needs besides the data: a reward head for RL, a
+    prompt's offset for context distillation."""
+    data = OBJECTIVES[name].data
+    if data == "prompts":
+        return {"reward_head": head_for(vocab, dim)}
+    return {"prompt_offset": OFFSET[:dim]} if data == "context" else {}
 
 
 def hyper(name: str) -> dict:
@@ -100,6 +107,11 @@ NAIVE = {
                                            - _logsig(-_rewards(phi, g, s)[1])),
     "sft": lambda w, w0, g, s, beta: -_policy_terms(w, w0, g, s, beta)[0],
     "rlhf": lambda w, w0, g, s, beta: -_rl_return(w, w0, g, beta),
+    # from the reference (every test starts there): the teacher is W0 seeing g + c
+    "distill": lambda w, w0, g, s, beta: (
+        torch.softmax((g + torch.as_tensor(OFFSET)) @ w0.T, -1)
+        * (torch.log_softmax((g + torch.as_tensor(OFFSET)) @ w0.T, -1)
+           - torch.log_softmax(g @ w.T, -1))).sum(-1),
 }
 
 
@@ -256,6 +268,8 @@ def test_logit_gradient_matches_autograd(name):
         context = {"reference": torch.randn(1, 5, 11, generator=gen, dtype=torch.float64),
                    "rewards": torch.randn(3, 5, 11, generator=gen, dtype=torch.float64),
                    "beta": torch.tensor([0.3, 1.0, 2.0], dtype=torch.float64)[:, None, None]}
+    if obj.data == "context":
+        context = {"teacher": torch.randn(3, 5, 11, generator=gen, dtype=torch.float64)}
     (auto,) = torch.autograd.grad(obj.logit_loss(logits, chosen, **context).sum(), logits)
     assert_close(obj.logit_grad(logits.detach(), chosen, **context), auto, CLOSED_FORM)
     assert torch.autograd.gradcheck(lambda x: obj.logit_loss(x, chosen, **context), (logits,))
@@ -269,6 +283,9 @@ def first_drift(name, mixture, vocab):
     the all-row view with ``W0 = 0`` (uniform policy) ``−Σ_c π_c (𝟙/V − e_{y_w}) μ_cᵀ``."""
     obj = OBJECTIVES[name]
     m = mixture.signed_mean()
+    if obj.data == "context":
+        # at W0 = 0 the prompted reference is uniform too: the student already matches it
+        return np.zeros((vocab, mixture.dim))
     if obj.data == "prompts":
         # RL at the uniform policy (π = π0 = 𝟙/V): ∂J/∂logits = (r − r̄𝟙)/V with r = Φg,
         # so F(0) = (1/V)(I − 𝟙𝟙ᵀ/V) Φ E[ggᵀ], E[ggᵀ] = Σ_c π_c (Σ_c + μ_c μ_cᵀ)
