@@ -48,7 +48,7 @@ from scipy import integrate, special, stats
 
 from dynamics.metrics import BEHAVIOR_METRICS, tidy_frame, tie_half
 from dynamics.model import NO, YES
-from dynamics.objectives import OBJECTIVES, resolve_objective
+from dynamics.objectives import OBJECTIVES, adapt_kl, resolve_objective
 from synthetic.families import get_family
 from synthetic.mixture import Mixture
 from synthetic.validation import ParameterError, check_finite_array, check_integer, check_number
@@ -982,8 +982,6 @@ def population_descent(
             for _ in range(updates):
                 current = current + lr * step(current)
             if adaptive:  # the controller after each rollout, on its starting policy's KL
-                from dynamics.rollouts import adapt_kl
-
                 trainer.beta = trainer.beta * adapt_kl(kl, hyper["kl_target"],
                                                        hyper["kl_horizon"])
         trainer.beta = beta  # the metrics are on train.beta's scale

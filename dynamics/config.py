@@ -313,6 +313,15 @@ def parse_config(raw: dict) -> dict:
     return config
 
 
+def _phase_objectives(train: dict) -> list[tuple[str, object]]:
+    """``(key path, objective spec)`` of every phase, in order: ``[[train.phases]]`` or
+    the single ``train.objective``."""
+    if "phases" in train:
+        return [(f"train.phases.{i}.objective", p["objective"])
+                for i, p in enumerate(train["phases"])]
+    return [("train.objective", train["objective"])]
+
+
 def _check_pretrain(config: dict) -> None:
     """``[pretrain]``: components with a mean of length d and a token < V; ``n``
     only with components; ``ptx_coef > 0`` only with them."""
@@ -320,12 +329,9 @@ def _check_pretrain(config: dict) -> None:
     if "components" not in table:
         if "n" in table:
             raise ParameterError("pretrain.n", table["n"], "needs [[pretrain.components]]")
-        train = config["train"]
-        specs = [p["objective"] for p in train["phases"]] if "phases" in train else [
-            train["objective"]]
-        for spec in specs:
+        for path, spec in _phase_objectives(config["train"]):
             if isinstance(spec, dict) and spec.get("ptx_coef", 0) > 0:
-                raise ParameterError("train.objective.ptx_coef", spec["ptx_coef"],
+                raise ParameterError(f"{path}.ptx_coef", spec["ptx_coef"],
                                      "needs a pretraining distribution: [[pretrain.components]]")
         return
     items = table["components"]
@@ -371,10 +377,7 @@ def _check_reward_heads(config: dict) -> None:
     trains one."""
     train = config["train"]
     have = config["model"].get("reward_head") is not None
-    specs = ([(f"train.phases.{i}.objective", p["objective"]) for i, p in
-              enumerate(train["phases"])] if "phases" in train
-             else [("train.objective", train["objective"])])
-    for path, spec in specs:
+    for path, spec in _phase_objectives(train):
         obj, hyper = resolve_objective(spec, path=path)
         have = have or obj.block == "reward"
         if hyper.get("rollout_size", 0) > train["n"]:

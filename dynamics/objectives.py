@@ -54,7 +54,7 @@ __all__ = ["Hyper", "Objective", "OBJECTIVES", "get_objective", "resolve_objecti
            "dpo_loss", "dpo_margin_loss", "cdpo_margin_loss", "robust_dpo_margin_loss",
            "ipo_margin_loss", "hinge_margin_loss", "reward_model_loss", "binary_loss",
            "sft_loss", "rlhf_loss", "distill_loss", "kl_to_reference", "reinforce_loss",
-           "ppo_clip_loss",
+           "ppo_clip_loss", "adapt_kl",
            "VIEWS", "GAIN", "objectives_reference"]
 
 VIEWS = ("difference", "rows", "all")
@@ -197,6 +197,16 @@ def ppo_clip_loss(logp: torch.Tensor, logp_old: torch.Tensor, advantages: torch.
     minimise: ``max(−A ρ, −A clip(ρ, 1−ε, 1+ε))``, ``ρ = π(y)/π_old(y)``, unreduced."""
     ratio = torch.exp(logp - logp_old)
     return torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1 - clip, 1 + clip))
+
+
+def adapt_kl(kl, target: float, horizon: float):
+    """The adaptive KL controller's factor (Ziegler et al. 2019): ``1 + clip(KL/target −
+    1, −0.2, 0.2)/horizon`` per rollout (TRL's ``n_steps/horizon`` with ``horizon``
+    counted in rollouts). Works on tensors and floats."""
+    error = kl / target - 1
+    error = error.clamp(-0.2, 0.2) if isinstance(error, torch.Tensor) else min(max(error, -0.2),
+                                                                              0.2)
+    return 1 + error / horizon
 
 
 # ============================================================================ helpers

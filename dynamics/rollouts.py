@@ -35,7 +35,8 @@ active]``; as elsewhere the update on ``W`` is the batch mean of those times ``g
 
 The KL coefficient is ``β`` (``train.beta``: TRL's ``kl_coef``), fixed, or with
 ``kl_target > 0`` adapted after every rollout by the controller of Ziegler et al.
-(2019) on the rollout's sampled KL, ``mean log(π_old(y)/π0(y))`` (:func:`adapt_kl`).
+(2019) on the rollout's sampled KL, ``mean log(π_old(y)/π0(y))``
+(:func:`dynamics.objectives.adapt_kl`).
 
 Statistics per step (``SimulationResult.per_run``, TRL's names): ``policy/clipfrac``
 (share of sampled answers whose clipped term is the active one), ``policy/approxkl``
@@ -51,19 +52,10 @@ from __future__ import annotations
 
 import torch
 
+from dynamics.objectives import adapt_kl
 from dynamics.simulate import _SoftmaxEngine
 
-__all__ = ["RolloutEngine", "adapt_kl"]
-
-
-def adapt_kl(kl, target: float, horizon: float):
-    """The adaptive KL controller's factor (Ziegler et al. 2019): ``1 + clip(KL/target −
-    1, −0.2, 0.2)/horizon`` per rollout (TRL's ``n_steps/horizon`` with ``horizon``
-    counted in rollouts). Works on tensors and floats."""
-    error = kl / target - 1
-    error = error.clamp(-0.2, 0.2) if isinstance(error, torch.Tensor) else min(max(error, -0.2),
-                                                                              0.2)
-    return 1 + error / horizon
+__all__ = ["RolloutEngine"]
 
 
 class RolloutEngine(_SoftmaxEngine):
@@ -80,6 +72,7 @@ class RolloutEngine(_SoftmaxEngine):
         self.value = torch.zeros(num_seeds, num_configs, dim, dtype=self.x.dtype,
                                  device=self.x.device)  # the value head v, per run
         self.lr_rows = self.lr.view(1, -1, 1, 1)  # (1, P, 1, 1)
+        self.scale_rows = -self.lr.repeat_interleave(self.vocab)[:, None]  # −lr per row (P·V, 1)
         self.stats: dict = {}
         # the KL coefficient of each run (S, P, 1): β, or adapted after every rollout
         self.kl_coef = self.beta[..., 0].expand(num_seeds, -1, -1).clone()
@@ -227,7 +220,3 @@ class RolloutEngine(_SoftmaxEngine):
             self.value.sub_(torch.bmm(error, x_m) * step)
         return stats
 
-    @property
-    def scale_rows(self) -> torch.Tensor:
-        """``−lr`` per matrix row ``(P·V, 1)``."""
-        return -self.lr.repeat_interleave(self.vocab)[:, None]

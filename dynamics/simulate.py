@@ -529,15 +529,15 @@ class _SoftmaxEngine:
         if rewards is not None:
             k = len(data.names)
             task = rewards.task(self.x, train.behavior)
-            trained = rewards.trained(task, self._logits(self.x.transpose(1, 2)),
-                                      train.behavior, k)
+            start = self._logits(self.x.transpose(1, 2))  # the starting policy's logits
+            trained = rewards.trained(task, start, train.behavior, k)
             w0_all = self.w0[:, 0].expand(num_seeds, -1, -1)
             self.full_context = {"reference": torch.bmm(w0_all, self.x.transpose(1, 2))[:, None],
                                  "rewards": trained, "beta": self.beta}
             if hyper.get("rehearsal", "none") == "selective":
                 # RL on the prompts the starting policy answers below select_below in
                 # expected task reward; the others rehearse their demonstrations
-                self.full_context["mask"] = self._rl_mask(task, self.x.transpose(1, 2))
+                self.full_context["mask"] = self._rl_mask(task, start)
                 self.full_context["chosen"] = self.chosen
         self.beta_col = torch.as_tensor(beta, dtype=dtype, device=device)[:, None]  # (P, 1)
         self.w0_given, self.start = w0, self.weights.clone()
@@ -545,6 +545,8 @@ class _SoftmaxEngine:
                                     self._eval_rewards(x, data.behavior), self._teacher(x))
         self.batches = _BatchStream(seeds, n, batch_size, device) if batch_size else None
         self.ptx = ptx if ptx is not None and ptx.coef > 0 else None
+        if self.ptx is not None:  # −lr per matrix row over the pretraining draw's size
+            self.ptx_scale = -lr_t.repeat_interleave(vocab)[:, None] / self.ptx.x.shape[1]
 
     def policy(self) -> torch.Tensor:
         return self.weights.view(self.shape)
@@ -555,20 +557,14 @@ class _SoftmaxEngine:
         if self.ptx is None:
             return None
         coef = self.ptx.gradient(self._logits(self.ptx.x.transpose(1, 2)))
-        rows = coef.flatten(1, 2).mul_(-self.lr.repeat_interleave(self.shape[2])[:, None]
-                                       / self.ptx.x.shape[1])
-        return rows, self.ptx.x
+        return coef.flatten(1, 2).mul_(self.ptx_scale), self.ptx.x
 
     def _teacher(self, x):
         """Context distillation's teacher logits on prompts ``x`` (the starting policy
         seeing ``g + c``), ``(S, P, V, m)``; None for other objectives."""
         if self.offset is None:
             return None
-        weights, self.weights = self.weights, self.start
-        try:
-            return self._logits((x + self.offset).transpose(1, 2))
-        finally:
-            self.weights = weights
+        return self._logits((x + self.offset).transpose(1, 2), self.start)
 
     def _eval_rewards(self, x, behavior):
         """What the evaluator of prompts ``x`` ``(S, m, d)`` needs for RL: the task
@@ -576,16 +572,11 @@ class _SoftmaxEngine:
         mask and weight; None for other objectives."""
         if self.rewards is None:
             return None
-        weights, self.weights = self.weights, self.start  # the phase's starting policy
-        try:
-            x_t = x.transpose(1, 2)
-            task = self.rewards.task(x, behavior)
-            out = (task, self.rewards.trained(task, self._logits(x_t), behavior,
-                                              len(self.data_names)))
-            if self.hyper.get("rehearsal", "none") == "selective":
-                out += (self._rl_mask(task, x_t), self.hyper["rehearsal_coef"])
-        finally:
-            self.weights = weights
+        task = self.rewards.task(x, behavior)
+        start = self._logits(x.transpose(1, 2), self.start)  # the phase's starting policy
+        out = (task, self.rewards.trained(task, start, behavior, len(self.data_names)))
+        if self.hyper.get("rehearsal", "none") == "selective":
+            out += (self._rl_mask(task, start), self.hyper["rehearsal_coef"])
         return out
 
     def add_heldout(self, heldout) -> None:
@@ -602,9 +593,10 @@ class _SoftmaxEngine:
         change = torch.bmm(self.theta().flatten(1, 2), self.heldout_x_t)
         return self.heldout_eval.softmax(change.view(*self.shape[:3], -1), self.heldout_chosen)
 
-    def _rl_mask(self, task: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
-        """``1[E_{π_start}[r(g, ·)] < select_below]`` ``(S, P, 1, n)`` (selective rehearsal)."""
-        probs = torch.softmax(self._logits(x_t), dim=-2)
+    def _rl_mask(self, task: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+        """``1[E_{π_start}[r(g, ·)] < select_below]`` ``(S, P, 1, n)`` (selective rehearsal),
+        from the starting policy's logits ``start``."""
+        probs = torch.softmax(start, dim=-2)
         expected = (probs * task).sum(-2, keepdim=True)
         return (expected < self.hyper["select_below"]).to(task.dtype)
 
@@ -640,8 +632,10 @@ class _SoftmaxEngine:
     def weight_change(self) -> torch.Tensor:
         return self.theta().flatten(-2).norm(dim=-1)  # ‖W − W0‖_F
 
-    def _logits(self, x_t) -> torch.Tensor:
-        return torch.bmm(self.weights, x_t).view(*self.shape[:3], -1)  # (S, P, V, n)
+    def _logits(self, x_t, weights=None) -> torch.Tensor:
+        """Logits ``(S, P, V, n)`` of the current policy (or of ``weights``) at ``x_t``."""
+        weights = self.weights if weights is None else weights
+        return torch.bmm(weights, x_t).view(*self.shape[:3], -1)
 
     def evaluate(self) -> dict[str, torch.Tensor]:
         change = torch.bmm(self.theta().flatten(1, 2), self.x_t)  # (S, P·V, n): D g
