@@ -53,7 +53,7 @@ from __future__ import annotations
 import torch
 
 from dynamics.objectives import adapt_kl
-from dynamics.simulate import _SoftmaxEngine
+from dynamics.simulate import _SoftmaxEngine, gather_prompts
 
 __all__ = ["RolloutEngine"]
 
@@ -152,9 +152,7 @@ class RolloutEngine(_SoftmaxEngine):
                     sel = order[:, part * size // parts:(part + 1) * size // parts]  # (S, Bm)
                     rows = torch.arange(xb.shape[0], device=sel.device)[:, None]
                     x_m = xb[rows, sel]
-                    ctx = {k: (v if k == "beta" else v.expand(xb.shape[0], -1, -1, -1).gather(
-                        -1, sel[:, None, None].expand(-1, v.shape[1], v.shape[2], -1)))
-                        for k, v in context.items()}
+                    ctx = gather_prompts(context, sel)
                     take = lambda t: t.gather(-1, sel[:, None].expand(  # noqa: E731
                         -1, t.shape[1], -1))
                     a_m, r_m, old_m = take(advantages), take(returns), take(logp_old)

@@ -277,6 +277,14 @@ def simulate_sample(
     )
 
 
+def gather_prompts(context: dict[str, torch.Tensor], idx: torch.Tensor) -> dict:
+    """A per-prompt context ``(S, ·, ·, n)`` (β, per run, passes through) restricted to
+    each seed's prompts ``idx`` ``(S, B)``."""
+    return {key: value if key == "beta" else value.gather(
+        -1, idx[:, None, None].expand(-1, value.shape[1], value.shape[2], -1))
+        for key, value in context.items()}
+
+
 class _Pretrain:
     """PPO-ptx's pretraining sample (training and held-out) of every seed, its term in
     the gradient and the alignment tax."""
@@ -619,11 +627,7 @@ class _SoftmaxEngine:
         """What an RL objective reads besides the logits, for the training prompts
         ``idx`` ``(S, B)``: reference logits ``(S, 1, V, B)``, rewards ``(S, 1 or P, V, B)``
         and ``β`` ``(1, P, 1, 1)``."""
-        if not self.full_context:
-            return {}
-        return {key: value if key == "beta" else value.gather(
-            -1, idx[:, None, None].expand(-1, value.shape[1], value.shape[2], -1))
-            for key, value in self.full_context.items()}
+        return gather_prompts(self.full_context, idx)
 
     def theta(self) -> torch.Tensor:
         """``D = W − W0`` ``(S, P, V, d)``."""
