@@ -225,6 +225,15 @@ PHASE_KEYS: dict[str, Key] = {
     "flip": Key(False, _bool, "train on flipped preferences (metrics against them)"),
     "record": Key(True, _bool, "keep the phase's metrics (an unrecorded phase only "
                   "prepares the next, and does not advance the step count)"),
+    "n": Key(None, _int(ge=2), "statements per seed the phase trains on: the first ones of "
+             "each (behavior, class) group of its behaviors' share of the sample, in "
+             "proportion, so a smaller n is a subset of a larger (default: all)"),
+    "pretraining": Key(False, _bool, "preference-model pre-training (PMP): the phase trains "
+                       "on behaviors related to the target, the behaviors of the next phase "
+                       "that is not pre-training; it must name its behaviors, and they must "
+                       "not include the target's unless allow_target"),
+    "allow_target": Key(False, _bool, "let a pre-training phase include target behaviors "
+                        "(pre-training on the target itself is training longer)"),
 }
 COMPONENT_KEYS: dict[str, Key] = {
     "mean": Key(None, _any, "mean of the features g (length d)", required=True),
@@ -310,7 +319,40 @@ def parse_config(raw: dict) -> dict:
         raise ParameterError("train.n", train["n"], f"must give every behavior a statement "
                              f"(behavior {empty!r} gets none; n·w = "
                              f"{train['n'] * problem.weights.min():.2g})")
+    if "phases" in train:
+        _check_phase_samples(train["phases"], names, counts)
     return config
+
+
+def _check_phase_samples(phases: list[dict], names: list[str], counts: np.ndarray) -> None:
+    """A phase's ``n`` fits in its behaviors' share of ``train.n``; a pre-training
+    phase names its behaviors, which exclude the target's unless ``allow_target``."""
+    for i, phase in enumerate(phases):
+        path = f"train.phases.{i}"
+        chosen = phase.get("behaviors", names)
+        if "n" in phase:
+            have = int(sum(counts[names.index(b)] for b in chosen))
+            if phase["n"] > have:
+                raise ParameterError(f"{path}.n", phase["n"], f"must be <= the {have} "
+                                     f"statements of its behaviors in train.n")
+        if phase["allow_target"] and not phase["pretraining"]:
+            raise ParameterError(f"{path}.allow_target", True,
+                                 "applies only to a phase with pretraining = true")
+        if not phase["pretraining"]:
+            continue
+        if "behaviors" not in phase:
+            raise ParameterError(f"{path}.behaviors", None, "is required by pretraining = "
+                                 "true: the related behaviors it pre-trains on")
+        later = [j for j in range(i + 1, len(phases)) if not phases[j]["pretraining"]]
+        if not later:
+            raise ParameterError(f"{path}.pretraining", True, "needs a later phase that is "
+                                 "not pre-training (the target it prepares)")
+        target = phases[later[0]].get("behaviors", names)
+        shared = [b for b in chosen if b in target]
+        if shared and not phase["allow_target"]:
+            raise ParameterError(f"{path}.behaviors", chosen, f"must not include the target "
+                                 f"behaviors of train.phases.{later[0]} ({', '.join(shared)}) "
+                                 f"unless allow_target = true")
 
 
 def _phase_objectives(train: dict) -> list[tuple[str, object]]:
@@ -660,7 +702,8 @@ def phases_of(config: dict) -> list:
     if "phases" in train:
         return [Phase(p["objective"], p["steps"], p.get("lr", train["lr"]),
                       tuple(names.index(b) for b in p["behaviors"]) if "behaviors" in p
-                      else None, p["flip"], p["record"]) for p in train["phases"]]
+                      else None, p["flip"], p["record"], p.get("n"))
+                for p in train["phases"]]
     phases = []
     if train["start"] == "aligned":
         phases.append(Phase("dpo", train["align_steps"], train["lr"], record=False))

@@ -50,7 +50,10 @@ class Phase:
 
     objective: a name or a table with hyperparameters · behaviors: indices trained
     on (``None``: all) · record: whether its metrics are kept (an unrecorded phase
-    only prepares the start of the next, and does not advance the step count).
+    only prepares the start of the next, and does not advance the step count) ·
+    n: statements per seed trained on (a class-stratified subset of the behaviors'
+    share, :func:`dynamics.simulate.simulate_sample`'s ``train_n``; ``None``: all; the
+    population is the same whatever ``n``).
     """
 
     objective: object
@@ -59,6 +62,7 @@ class Phase:
     behaviors: tuple[int, ...] | None = None
     flip: bool = False
     record: bool = True
+    n: int | None = None
 
 
 def flipped_mixture(mixture: Mixture) -> Mixture:
@@ -217,7 +221,7 @@ def run_simulation(data: PreferenceSample, phases: Sequence[Phase], *, seeds, be
             reference=ref.to(dtype), objective=phase.objective,
             delta0=theta0.to(dtype), batch_size=batch_size,
             eval_every=eval_every if phase.record else phase.steps,
-            train_behaviors=phase.behaviors, progress=progress,
+            train_behaviors=phase.behaviors, train_n=phase.n, progress=progress,
             reward_head=_head_for(obj, state["reward"][:, 0], index), pretrain=pretrain,
             pretrain_n=pretrain_n, reward_scales=reward_scales,
             heldout=None if held is None else dataclasses.replace(

@@ -31,7 +31,7 @@ from dynamics.metrics import HELDOUT_METRICS, tidy_frame
 from dynamics.model import NO, YES
 from dynamics.objectives import OBJECTIVES, resolve_objective
 from synthetic.problem import Problem
-from synthetic.sampling import PreferenceSample, sample_batch
+from synthetic.sampling import PreferenceSample, allocate, sample_batch
 from synthetic.validation import (ParameterError, check_finite_array, check_integer,
                                   check_number)
 
@@ -121,6 +121,7 @@ def simulate_sample(
     keep_deltas: bool = False,
     progress: Callable[[int], None] | None = None,
     train_behaviors: Sequence[int] | None = None,
+    train_n: int | None = None,
     reward_head: np.ndarray | torch.Tensor | None = None,
     pretrain=None,
     pretrain_n: int | None = None,
@@ -150,7 +151,10 @@ def simulate_sample(
 
     ``train_behaviors`` (indices into ``data.names``; default all) restricts the
     training set to those behaviors' statements; metrics are still reported for
-    every behavior (so forgetting is measured).
+    every behavior (so forgetting is measured). ``train_n`` (default all) trains on
+    that many of them: from each (behavior, class) group its first statements, the
+    counts in proportion to the groups' sizes (largest remainder), so a smaller
+    ``train_n`` is a subset of a larger one and keeps the class balance.
 
     ``objective`` is a registered name or a table ``{"name": ..., **hyperparameters}``
     (:func:`dynamics.objectives.resolve_objective`). ``reference`` is ``W0``
@@ -204,6 +208,12 @@ def simulate_sample(
         if batch_size is not None and batch_size > len(keep):
             raise ParameterError("batch_size", batch_size,
                                  f"must be <= the {len(keep)} statements trained on")
+    if train_n is not None:
+        train = stratified_subset(train, check_integer("train_n", train_n, ge=2,
+                                                       le=len(train.behavior)))
+        if batch_size is not None and batch_size > train_n:
+            raise ParameterError("batch_size", batch_size,
+                                 f"must be <= the {train_n} statements trained on (train_n)")
     head = _reward_head(reward_head, obj, num_seeds, w0.shape[1], dim, dtype, device)
     rewards = None if head is None else _Rewards(head, reward_scales, len(data.names),
                                                  hyper.get("score", "reward"))
@@ -275,6 +285,20 @@ def simulate_sample(
         per_behavior=per_behavior, weight_change=torch.stack(norms).cpu().double().numpy(),
         final=final, deltas=torch.stack(kept) if keep_deltas else None, per_run=per_run,
     )
+
+
+def stratified_subset(data: PreferenceSample, size: int) -> PreferenceSample:
+    """``size`` statements of ``data``: the first ones of each run of equal (behavior,
+    true class), the counts proportional to the runs' lengths (largest remainder)."""
+    behavior = data.behavior.cpu().numpy()
+    cls = data.true_signs.reshape(-1, len(behavior))[0].cpu().numpy()
+    starts = np.flatnonzero(np.r_[True, (behavior[1:] != behavior[:-1]) | (cls[1:] != cls[:-1])])
+    lengths = np.diff(np.r_[starts, len(behavior)])
+    counts = allocate(size, lengths)
+    keep = torch.as_tensor(np.concatenate([np.arange(a, a + c) for a, c in zip(starts, counts)]),
+                           device=data.behavior.device)
+    return PreferenceSample(data.features[..., keep, :], data.signs[..., keep],
+                            data.true_signs[..., keep], data.behavior[keep], data.names)
 
 
 def gather_prompts(context: dict[str, torch.Tensor], idx: torch.Tensor) -> dict:
