@@ -323,7 +323,10 @@ class PopulationFlow:
 
         family = "gaussian" if mixture.family == "empirical" else mixture.family
         self.family = get_family(family)
-        self.exact = self.family.projection_rule() is not None
+        # principle-driven labels are a function of each point: quasi-Monte Carlo
+        self.principles = mixture.principles
+        self.exact = self.family.projection_rule() is not None and self.principles is None
+        self._labels = None
         self._rules: dict[int, tuple[torch.Tensor, ...]] = {}
         self._rules_np: dict[int, tuple[np.ndarray, ...]] = {}
         # NumPy copies for the drift: a step is ~15 tiny float64 operations, and
@@ -461,12 +464,26 @@ class PopulationFlow:
     def _drift_qmc(self, delta: torch.Tensor) -> torch.Tensor:
         """A margin row's drift for a family that is no scale mixture (QMC)."""
         beta, obj = self.beta, self.objective
-        h = self.s[:, None] * self._project(delta)  # (C, M)
-        g1 = obj.grad(h, beta, **self.hyper)
-        # mean over points of ℓ'(h) g = μ_c mean ℓ' + L_c (zᵀ ℓ')/M
+        signs = self.point_signs()
+        h = signs * self._project(delta)  # (C, M)
+        g1 = signs * obj.grad(h, beta, **self.hyper)
+        # mean over points of s ℓ'(h) g = μ_c mean(s ℓ') + L_c (zᵀ s ℓ')/M
         term = self.mu * g1.mean(1, keepdim=True) + torch.einsum(
             "cde,ce->cd", self.root, g1 @ self.z) / g1.shape[1]
-        return -obj.gain * (self.pi * self.s) @ term
+        return -obj.gain * self.pi @ term
+
+    def point_signs(self) -> torch.Tensor:
+        """The observed sign at each QMC point ``(C, M)``: the component's ``s_c``, or
+        the principle-driven judge's label of the point (:mod:`synthetic.principles`)."""
+        if self.principles is None:
+            return self.s[:, None].expand(-1, self.qmc_points)
+        if self._labels is None:
+            cloud = self._cloud().numpy()
+            behavior = self.mixture.behavior
+            self._labels = torch.as_tensor(np.stack([
+                self.principles.labels(points, np.full(len(points), behavior[c]))
+                for c, points in enumerate(cloud)]))
+        return self._labels
 
     def drift_np(self, delta: np.ndarray) -> np.ndarray:
         """One margin row's drift for a scale-mixture family, in NumPy, ``(d,)`` →
@@ -561,8 +578,7 @@ class PopulationFlow:
         chosen answer ``(C, 1, 1)`` broadcastable against them."""
         cloud = self._cloud()
         logits = ((self.w0 + theta) @ cloud.transpose(1, 2))  # (C, V, M)
-        chosen = torch.where(self.s > 0, YES, NO).reshape(-1, 1, 1).expand(-1, 1,
-                                                                           cloud.shape[1])
+        chosen = torch.where(self.point_signs() > 0, YES, NO)[:, None, :]  # (C, 1, M)
         return logits, chosen
 
     @property
@@ -772,8 +788,10 @@ class PopulationFlow:
             change = torch.zeros(len(thetas), dtype=torch.float64)
         # against the true preference: a component whose observed sign is flipped ranks
         # correctly exactly when it ranks wrongly against its observed sign (ties half)
-        flipped = torch.as_tensor(self.mixture.true_signs != self.mixture.signs)
-        per_c["clean_accuracy"] = torch.where(flipped, 1 - per_c["accuracy"], per_c["accuracy"])
+        if "clean_accuracy" not in per_c:
+            flipped = torch.as_tensor(self.mixture.true_signs != self.mixture.signs)
+            per_c["clean_accuracy"] = torch.where(flipped, 1 - per_c["accuracy"],
+                                                  per_c["accuracy"])
         weights = self.members * self.pi[:, None] / self.pi_k  # (C, K): within-behavior shares
         return {name: value @ weights for name, value in per_c.items()}, change
 
@@ -783,8 +801,8 @@ class PopulationFlow:
         for r in range(rows.shape[1]):
             v = rows[:, r]
             if not self.exact:
-                total = total + obj.loss(self.s[:, None] * self._project_many(v), self.beta,
-                                         **self.hyper).mean(-1)
+                total = total + obj.loss(self.point_signs() * self._project_many(v),
+                                         self.beta, **self.hyper).mean(-1)
                 continue
             mean = self.s * (v @ self.mu.T)  # (E, C): E[h] per component
             sds = _quadratic(self.cov, v).clamp_min(0).sqrt()  # (E, C)
@@ -813,23 +831,33 @@ class PopulationFlow:
             total = total + loss
         return total
 
-    def _positive_of(self, v: torch.Tensor) -> torch.Tensor:
+    def _positive_of(self, v: torch.Tensor, truth: bool = False) -> torch.Tensor:
         """``P(s vᵀg > 0)`` per component ``(E, C)`` for vectors ``v`` ``(E, d)``
-        (ties half): the family's CDF, or QMC for a family that has none."""
+        (ties half): the family's CDF, or QMC for a family that has none. ``truth``:
+        against the true class where a judge's labels are the observed ones."""
         if self.exact:
             return self._positive(self.s * (v @ self.mu.T), _quadratic(self.cov, v))
-        return tie_half(self.s[:, None] * self._project_many(v)).mean(-1)
+        signs = self.s[:, None] if truth else self.point_signs()
+        return tie_half(signs * self._project_many(v)).mean(-1)
+
+    def _accuracy(self, per_c: dict, v: torch.Tensor) -> None:
+        """``accuracy`` of the ranking direction ``v`` ``(E, d)``, and with a judge's
+        labels also ``clean_accuracy`` against the true classes."""
+        per_c["accuracy"] = self._positive_of(v)
+        if self.principles is not None:
+            per_c["clean_accuracy"] = self._positive_of(v, truth=True)
 
     def _metrics_policy(self, deltas: torch.Tensor) -> dict[str, torch.Tensor]:
         """The policy's difference ``Δ`` ``(E, d)`` (DPO family)."""
         beta, per_c = self.beta, {}
-        mean = self.s * (deltas @ self.mu.T)  # (E, C): E[h] per component
         per_c["loss"] = self._expected_loss(deltas[:, None])
-        per_c["accuracy"] = self._positive_of(self.u0 + deltas)
+        self._accuracy(per_c, self.u0 + deltas)
         per_c["reward_accuracy"] = self._positive_of(deltas)
         # log Z − log Z0 = log(π0(Yes) e^{Δᵀg/2} + π0(No) e^{−Δᵀg/2} + π0(rest)) at the QMC
         # points; the rewards are β(±E[h]/2 − E[shift]), E[h] in closed form.
         proj = self._project_many(deltas)  # (E, C, M): Δᵀg
+        mean = (self.s * (deltas @ self.mu.T) if self.principles is None
+                else (self.point_signs() * proj).mean(-1))  # (E, C): E[h] per component
         yes = torch.add(self.log_yes, proj, alpha=0.5)
         no = torch.add(self.log_no, proj, alpha=-0.5)
         shift = torch.logaddexp(yes, no)
@@ -850,18 +878,31 @@ class PopulationFlow:
         signs = torch.as_tensor(self.objective.row_signs, dtype=torch.float64)[:, None]
         signed = thetas * signs  # θ̃_r: h_r = s θ̃_rᵀg
         psi = signed.sum(1)  # ψ = φ_Yes − φ_No, whose margin s ψᵀg = Σ_r h_r
-        margin = self.s * (psi @ self.mu.T)  # (E, C): E[r(y_w) − r(y_l)]
-        means = self.s * torch.einsum("erd,cd->erc", signed, self.mu)  # (E, R, C): E[h_r]
-        chosen = margin / 2 if thetas.shape[1] == 1 else torch.where(
-            self.s > 0, means[:, 0], means[:, 1])
-        return {
+        if self.principles is None:
+            margin = self.s * (psi @ self.mu.T)  # (E, C): E[r(y_w) − r(y_l)]
+            means = self.s * torch.einsum("erd,cd->erc", signed, self.mu)  # (E, R, C): E[h_r]
+            chosen = margin / 2 if thetas.shape[1] == 1 else torch.where(
+                self.s > 0, means[:, 0], means[:, 1])
+        else:  # the judge's label at each point picks the chosen answer
+            signs = self.point_signs()
+            margin = (signs * self._project_many(psi)).mean(-1)
+            if thetas.shape[1] == 1:
+                chosen = margin / 2
+            else:
+                yes, no = self._project_many(thetas[:, 0]), self._project_many(thetas[:, 1])
+                chosen = torch.where(signs > 0, yes, no).mean(-1)
+        per_c = {
             "loss": self._expected_loss(signed),
-            "accuracy": self._positive_of(self.u0[None]).expand_as(margin),
             "reward_accuracy": self._positive_of(psi),
             "rewards/chosen": chosen,
             "rewards/rejected": chosen - margin,
             "rewards/margins": margin,
         }
+        self._accuracy(per_c, self.u0[None])
+        per_c["accuracy"] = per_c["accuracy"].expand_as(margin)
+        if "clean_accuracy" in per_c:
+            per_c["clean_accuracy"] = per_c["clean_accuracy"].expand_as(margin)
+        return per_c
 
     def _metrics_all(self, thetas: torch.Tensor):
         """Every row of the policy ``D`` ``(E, V, d)``: loss and rewards by QMC over
@@ -870,7 +911,7 @@ class PopulationFlow:
         logits0 = self.w0 @ cloud.transpose(1, 2)  # (C, V, M)
         log_pi0 = torch.log_softmax(logits0, dim=1)
         rows = {name: [] for name in BEHAVIOR_METRICS}
-        chosen_is_yes = (self.s > 0)[:, None]  # (C, 1)
+        chosen_is_yes = self.point_signs() > 0  # (C, M)
         context = self._cloud_context()
         for theta in thetas:
             logits, chosen = self._cloud_logits(theta)
@@ -886,13 +927,15 @@ class PopulationFlow:
                 rows.setdefault("objective/scores", []).append(scores)
                 rows.setdefault("objective/rlhf_reward", []).append(
                     scores - self.beta * rows["objective/kl"][-1])
-            yes, no = ratio[:, YES].mean(-1), ratio[:, NO].mean(-1)
-            rows["rewards/chosen"].append(self.beta * torch.where(chosen_is_yes[:, 0], yes, no))
-            rows["rewards/rejected"].append(self.beta * torch.where(chosen_is_yes[:, 0], no, yes))
+            yes, no = ratio[:, YES], ratio[:, NO]  # (C, M)
+            rows["rewards/chosen"].append(
+                self.beta * torch.where(chosen_is_yes, yes, no).mean(-1))
+            rows["rewards/rejected"].append(
+                self.beta * torch.where(chosen_is_yes, no, yes).mean(-1))
         per_c = {name: torch.stack(v) for name, v in rows.items() if v}
         per_c["rewards/margins"] = per_c["rewards/chosen"] - per_c["rewards/rejected"]
         deltas = thetas[:, YES] - thetas[:, NO]  # (E, d): the policy's Yes − No change
-        per_c["accuracy"] = self._positive_of(self.u0 + deltas)
+        self._accuracy(per_c, self.u0 + deltas)
         per_c["reward_accuracy"] = self._positive_of(deltas)
         return per_c, thetas.flatten(1).norm(dim=-1)
 

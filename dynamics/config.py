@@ -23,6 +23,7 @@ import numpy as np
 
 from dynamics.objectives import OBJECTIVES, resolve_objective, show_default
 from synthetic.families import FAMILIES
+from synthetic.principles import principles_with_cosine, shared_principles
 from synthetic.problem import Behavior, Problem, behaviors_with_angles, isotropic
 from synthetic.sampling import allocate
 from synthetic.validation import (
@@ -131,6 +132,10 @@ SCHEMA: dict[str, dict[str, Key]] = {
                        "for every pair, or a K×K matrix (default: orthogonal)"),
         "behaviors": Key(None, _any, "array of tables [[problem.behaviors]], keys below",
                          required=True),
+        "principles": Key(None, _any, "principle-driven labels (Self-Align): a table "
+                          "[problem.principles], keys below; a judge labels every statement "
+                          "by principle directions instead of the true preference "
+                          "(clean_accuracy measures the true one)"),
     },
     "model": {
         "vocab_size": Key(2, _int(ge=2), "vocabulary size V (rows 0 = Yes, 1 = No)"),
@@ -235,6 +240,17 @@ PHASE_KEYS: dict[str, Key] = {
     "allow_target": Key(False, _bool, "let a pre-training phase include target behaviors "
                         "(pre-training on the target itself is training longer)"),
 }
+PRINCIPLE_KEYS: dict[str, Key] = {
+    "cosine": Key(None, _num(ge=-1, le=1), "builder: the cosine of every principle with its "
+                  "behavior's d_i (residuals orthonormal, orthogonal to d_i, from seed)"),
+    "count": Key(None, _any, "builder: principles per behavior k (integer >= 1; default 1)"),
+    "seed": Key(0, _int(ge=0), "builder: seed of the principles' residual directions"),
+    "directions": Key(None, _any, "explicit principle vectors p_1..p_k, a k×d nested list "
+                      "shared by every behavior (instead of cosine)"),
+    "combine": Key("vote", _choice(("vote", "sum")), "how k verdicts combine: majority vote "
+                   "of the signs of p_jᵀ(g − c_i) (ties: the summed score), or the sign of "
+                   "the summed score"),
+}
 COMPONENT_KEYS: dict[str, Key] = {
     "mean": Key(None, _any, "mean of the features g (length d)", required=True),
     "sigma": Key(1.0, _num(ge=0), "g ~ N(mean, sigma²·I)"),
@@ -312,6 +328,9 @@ def parse_config(raw: dict) -> dict:
                                                     (config["problem"]["dim"],)).tolist()
     _check_reward_heads(config)
     _check_pretrain(config)
+    if "principles" in config["problem"]:
+        config["problem"]["principles"] = _principles(config["problem"]["principles"],
+                                                      config["problem"]["dim"])
     problem = build_problem(config)  # every numeric check on means and covariances, with paths
     counts = allocate(train["n"], problem.weights)
     if counts.min() < 1:
@@ -353,6 +372,38 @@ def _check_phase_samples(phases: list[dict], names: list[str], counts: np.ndarra
             raise ParameterError(f"{path}.behaviors", chosen, f"must not include the target "
                                  f"behaviors of train.phases.{later[0]} ({', '.join(shared)}) "
                                  f"unless allow_target = true")
+
+
+def _principles(table, dim: int) -> dict:
+    """``[problem.principles]``: a builder (``cosine``, ``count``, ``seed``) or explicit
+    ``directions``, never both, and never an empty set."""
+    path = "problem.principles"
+    out = _fill(path, table, PRINCIPLE_KEYS)
+    if ("cosine" in out) == ("directions" in out):
+        raise ParameterError(path, table, "needs exactly one of cosine (the builder) and "
+                             "directions (explicit principle vectors)")
+    if "directions" in out:
+        vectors = out["directions"]
+        if not isinstance(vectors, list) or not vectors:
+            raise ParameterError(f"{path}.directions", vectors, "is an empty principle set: "
+                                 "give at least one principle vector (a k×d list, k >= 1)")
+        for j, vector in enumerate(vectors):
+            row = check_finite_array(f"{path}.directions.{j}", vector, (dim,))
+            if not np.any(row):
+                raise ParameterError(f"{path}.directions.{j}", vector, "must not be zero")
+        for key in ("count", "seed"):
+            if key in table:
+                raise ParameterError(f"{path}.{key}", table[key], "applies to the cosine "
+                                     "builder, not to explicit directions")
+        return out
+    count = out.setdefault("count", 1)
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ParameterError(f"{path}.count", count, "is an empty principle set: the number "
+                             "of principles per behavior must be an integer >= 1")
+    if abs(out["cosine"]) < 1 and count > dim - 1:
+        raise ParameterError(f"{path}.count", count, f"must be <= problem.dim - 1 = {dim - 1} "
+                             "(orthonormal residuals orthogonal to d_i)")
+    return out
 
 
 def _phase_objectives(train: dict) -> list[tuple[str, object]]:
@@ -592,7 +643,19 @@ def build_problem(config: dict) -> Problem:
         except ParameterError as err:
             raise (err if err.name.startswith(path) else err.at(path)) from None
     try:
-        return Problem(tuple(behaviors), family=spec["family"], label_noise=spec["label_noise"])
+        problem = Problem(tuple(behaviors), family=spec["family"],
+                          label_noise=spec["label_noise"])
+        if "principles" not in spec:
+            return problem
+        table = spec["principles"]
+        if "directions" in table:
+            judge = shared_principles(table["directions"], len(behaviors), problem.centers,
+                                      combine=table["combine"])
+        else:
+            judge = principles_with_cosine(problem.directions, problem.centers,
+                                           table["cosine"], table["count"],
+                                           seed=table["seed"], combine=table["combine"])
+        return problem.replace(principles=judge)
     except ParameterError as err:
         raise err.at("problem") from None
 
@@ -685,6 +748,9 @@ def config_reference() -> str:
             if key == "phases":
                 for pkey, pspec in PHASE_KEYS.items():
                     row(f"train.phases[].{pkey}", pspec)
+            if key == "principles":
+                for pkey, pspec in PRINCIPLE_KEYS.items():
+                    row(f"problem.principles.{pkey}", pspec)
             if key == "components":
                 for ckey, cspec in COMPONENT_KEYS.items():
                     row(f"pretrain.components[].{ckey}", cspec)

@@ -200,7 +200,8 @@ def run_experiment(config: dict, *, progress: bool = True) -> pd.DataFrame:
                 for frame, trajectory in zip(recorded, _recorded(trajectories, phases)):
                     values = np.full((len(trajectory.steps), len(problem.names),
                                       len(BOUND_COLUMNS)), np.nan)
-                    if bounded:
+                    # a judge's per-point labels are no component's: no population bound
+                    if bounded and problem.principles is None:
                         target = flipped_mixture(mixture) if only.flip else mixture
                         values = _bounds(target, beta=beta, lr=only.lr, steps=only.steps,
                                          reference=w0, record=trajectory.steps,

@@ -67,7 +67,9 @@ class Phase:
 
 def flipped_mixture(mixture: Mixture) -> Mixture:
     """The same measure with every observed preference swapped."""
-    return dataclasses.replace(mixture, signs=-mixture.signs, true_signs=-mixture.true_signs)
+    judge = None if mixture.principles is None else mixture.principles.flipped()
+    return dataclasses.replace(mixture, signs=-mixture.signs, true_signs=-mixture.true_signs,
+                               principles=judge)
 
 
 def restrict_mixture(mixture: Mixture, behaviors: Sequence[int] | None) -> Mixture:

@@ -40,6 +40,9 @@ class Mixture:
     family             name of the family (``"empirical"`` for a sample)
     true_signs (C,)    the sign before label noise (default: ``signs``), for the
                        accuracy against the true preferences
+    principles         a :class:`synthetic.principles.Principles` whose per-point
+                       labels replace ``signs`` (then ``signs = true_signs``, the
+                       classes; the population flow goes to quasi-Monte Carlo)
     """
 
     weights: np.ndarray
@@ -50,6 +53,7 @@ class Mixture:
     names: tuple[str, ...]
     family: str
     true_signs: np.ndarray | None = None
+    principles: object = None
 
     def __post_init__(self):
         if self.true_signs is None:
@@ -104,6 +108,7 @@ def population_mixture(problem: Problem) -> Mixture:
     return Mixture(
         np.array(weights), np.array(signs, dtype=np.float64), np.array(beh), np.stack(means),
         np.stack(covs), tuple(problem.names), problem.family, np.array(true, dtype=np.float64),
+        problem.principles,
     )
 
 

@@ -112,13 +112,16 @@ class Problem:
     """Behaviors sharing ``R^d``, a family, and a label-flip probability.
 
     ``label_noise = ε`` flips each observed preference independently with
-    probability ``ε`` (the embedding keeps its true class). Weights are
-    normalised to sum to one in :attr:`weights`.
+    probability ``ε`` (the embedding keeps its true class). ``principles`` (a
+    :class:`synthetic.principles.Principles`) replaces every observed preference
+    by a principle-driven judge's label instead (the two do not combine). Weights
+    are normalised to sum to one in :attr:`weights`.
     """
 
     behaviors: tuple[Behavior, ...]
     family: str = "gaussian"
     label_noise: float = 0.0
+    principles: object = None
     _family: Family = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -141,6 +144,14 @@ class Problem:
         object.__setattr__(
             self, "label_noise", check_number("label_noise", self.label_noise, ge=0, lt=0.5)
         )
+        if self.principles is not None:
+            shape = self.principles.directions.shape
+            if shape[0] != len(behaviors) or shape[2] != dim:
+                raise ParameterError("principles.directions", list(shape), f"must have shape "
+                                     f"({len(behaviors)}, k, {dim}): k principles per behavior")
+            if self.label_noise > 0:
+                raise ParameterError("label_noise", self.label_noise, "must be 0 with "
+                                     "principles (the judge's labels replace the observed ones)")
 
     @property
     def dim(self) -> int:
@@ -165,8 +176,14 @@ class Problem:
         """Rows ``d_i = μ_i⁺ − μ_i⁻``, shape ``(K, d)``."""
         return np.stack([b.direction for b in self.behaviors])
 
+    @property
+    def centers(self) -> np.ndarray:
+        """Rows ``c_i = (μ_i⁺ + μ_i⁻)/2``, shape ``(K, d)``."""
+        return np.stack([(b.mu_pos + b.mu_neg) / 2 for b in self.behaviors])
+
     def replace(self, **changes) -> "Problem":
-        fields = dict(behaviors=self.behaviors, family=self.family, label_noise=self.label_noise)
+        fields = dict(behaviors=self.behaviors, family=self.family, label_noise=self.label_noise,
+                      principles=self.principles)
         fields.update(changes)
         return Problem(**fields)
 

@@ -31,7 +31,7 @@ class PreferenceSample:
 
     features   (S, n, d) or (n, d)  embeddings g
     signs      (S, n)    or (n,)    observed sign s (+1: chosen = Yes)
-    true_signs (S, n)    or (n,)    class before label noise
+    true_signs (S, n)    or (n,)    class before label noise (or the judge's labels)
     behavior   (n,)                 behavior index of each statement (int64)
     names      K names
     """
@@ -96,8 +96,12 @@ def _draw(problem: Problem, groups, rng: np.random.Generator):
         feats.append(mu + z @ _root(cov).T)
         true_signs.append(np.full(count, float(sign)))
     true = np.concatenate(true_signs)
+    feats = np.concatenate(feats)
+    if problem.principles is not None:  # the judge's labels (no random numbers spent)
+        behavior = np.concatenate([np.full(count, index) for index, _, count in groups])
+        return feats, true, problem.principles.labels(feats, behavior)
     flips = rng.random(true.shape[0]) < problem.label_noise
-    return np.concatenate(feats), true, np.where(flips, -true, true)
+    return feats, true, np.where(flips, -true, true)
 
 
 def _generator(seed) -> np.random.Generator:
