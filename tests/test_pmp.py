@@ -133,3 +133,15 @@ def test_train_n_is_training_on_the_subset_built_by_hand():
     torch.testing.assert_close(subset.deltas, direct.deltas, rtol=0, atol=1e-14)
     with pytest.raises(ParameterError, match="train_n"):
         simulate_sample(data, train_n=61, **common)
+
+
+def test_a_pretraining_list_with_the_target_exits_2_with_one_line(tmp_path, capsys):
+    from dynamics.cli import main
+
+    path = tmp_path / "c.toml"
+    path.write_text(BASE + phase(behaviors=["target", "related"], pretraining=True)
+                    + phase(behaviors=["target"]))
+    assert main(["run", str(path), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "train.phases.0.behaviors" in err[0], err
+    assert "allow_target = true" in err[0] and not (tmp_path / "o").exists()

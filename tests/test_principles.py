@@ -188,3 +188,13 @@ def test_explicit_principles_are_shared_by_every_behavior():
     want = shared_principles([[1, 0, 0, 0], [0.5, 1, 0, 0]], 1, problem.centers, combine="sum")
     np.testing.assert_array_equal(problem.principles.directions, want.directions)
     assert problem.principles.combine == "sum"
+
+
+def test_an_empty_principle_set_exits_2_with_one_line(tmp_path, capsys):
+    path = tmp_path / "c.toml"
+    path.write_text(BASE.replace("[[problem", "[problem.principles]\ndirections = []\n[[problem",
+                                 1))
+    assert main(["run", str(path), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "problem.principles.directions" in err[0], err
+    assert "empty principle set" in err[0] and not (tmp_path / "o").exists()
