@@ -59,6 +59,11 @@ FIGURES: dict[str, Figure] = {
                              "the advantage model", "rlhf_stability",
                              ("rlhf_stability_ptx.toml", "rlhf_stability_rehearsal.toml",
                               "rlhf_stability_scales.toml")),
+    "distillation": Figure(12, "Context distillation: the gap against steps and samples, "
+                           "with and without a constant feature, and how much of the "
+                           "prompt's effect survives", "distillation",
+                           ("distillation_constant.toml", "distillation_varying.toml",
+                            "distillation_samples.toml")),
 }
 
 
