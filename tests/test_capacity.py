@@ -231,6 +231,9 @@ def test_mlp_head_equals_a_naive_per_example_loop(name):
             assert_close(result.head["U"][i, p], U, CLOSED_FORM)
             assert_close(result.per_behavior["loss"][:, i, p, 0], losses, CLOSED_FORM)
             assert np.abs(U.numpy()).max() > 0.01  # it trained
+    if name in ("binary", "reward_model"):  # docs/theory.md §12: the head stays antisymmetric
+        U = result.head["U"]
+        assert_close(U[:, :, NO], -U[:, :, YES], CLOSED_FORM)
 
 
 @pytest.mark.parametrize("name", MLP_OBJECTIVES + ["hinge", "ipo", "cdpo"])
@@ -271,11 +274,11 @@ def test_mlp_step_zero_is_the_linear_head_step_zero(name):
 
 def test_mlp_head_learns_a_quadratic_boundary_the_linear_head_cannot():
     """Equal means, Σ⁺ = diag(2.5, 2.5, 1, 1) against Σ⁻ = diag(0.4, 0.4, 1, 1): the Bayes
-    boundary is quadratic (‖g_{1:2}‖² against a threshold, Bayes accuracy ≈ 0.78) and
+    boundary is quadratic (‖g_{1:2}‖² against a threshold, Bayes accuracy 0.796) and
     every linear ranking is at chance. Measured (4 seeds, n = 400, 150 steps, lr 0.5,
-    held-out 2,000): the linear head's held-out ranking accuracy 0.49–0.51, the MLP's
-    (H = 16) 0.75–0.78 for ranked preference, binary and imitation alike; asserted:
-    the MLP beats the linear head by > 0.15 on every seed."""
+    held-out 2,000): the linear head's held-out ranking accuracy 0.486–0.505, the MLP's
+    (H = 16) 0.765–0.790 for ranked preference, binary and imitation alike, the smallest
+    per-seed gain 0.273; asserted: the MLP beats the linear head by > 0.15 on every seed."""
     cp, cn = np.diag([2.5, 2.5, 1.0, 1.0]), np.diag([0.4, 0.4, 1.0, 1.0])
     problem = Problem((Behavior("quad", np.zeros(4), np.zeros(4), cp, cn),))
     seeds = [0, 1, 2, 3]
