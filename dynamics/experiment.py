@@ -87,6 +87,9 @@ def _memory_terms(config: dict) -> dict[str, int]:
         # RL: reference logits and rewards on the training prompts, task and trained
         # rewards on the evaluated ones, and the rollout's logits and returns
         + (6 * seeds * vocab * n * item if rl else 0)
+        # an MLP head: its (S, H, B) pre-activations, activations and their gradients held
+        # by autograd, and the (S, H, n) hidden layer of an evaluation
+        + seeds * model.get("hidden_units", 0) * (4 * batch + n) * item
         # a held-out sample: its draws, features and signed copy, and its evaluator's rows
         + seeds * train.get("heldout_n", 0) * (dim * (8 + 8 + 2 * item) + 7 * item),
         # the recorded (E, S, P, K, 7) metrics and the tidy table built from them

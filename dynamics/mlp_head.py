@@ -57,7 +57,9 @@ def mlp_forward(x: torch.Tensor, A: torch.Tensor, a: torch.Tensor,
                 U: torch.Tensor) -> torch.Tensor:
     """``f(g) = U relu(A g + a)``: x (S, n, d), A (S, P, H, d), a (S, P, H, 1), U (S, P, V, H)
     → (S, P, V, n)."""
-    hidden = torch.relu(torch.matmul(A, x.transpose(1, 2)[:, None]) + a)  # (S, P, H, n)
+    S, P, H, _ = A.shape
+    pre = torch.bmm(A.reshape(S, P * H, -1), x.transpose(1, 2))  # (S, P·H, n): one GEMM a seed
+    hidden = torch.relu(pre.view(S, P, H, -1) + a)  # (S, P, H, n)
     return torch.matmul(U, hidden)
 
 
