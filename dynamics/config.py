@@ -90,6 +90,13 @@ def _any(name, v):
     return v
 
 
+def _hidden_units(name, v):
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ParameterError(name, v, "must be an integer >= 1: an MLP head needs at least one "
+                             "hidden unit")
+    return v
+
+
 def _objective(name, v):
     """A registered objective's name, or a table ``{ name = ..., <hyperparameters> }``;
     resolved to the name alone when the objective has no hyperparameters, else to
@@ -149,6 +156,16 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "prompt_offset": Key(None, _any, "the offset c (length d) a prompt adds to the "
                              "embedding: distill trains the unprompted policy towards the "
                              "phase's starting policy seeing g + c"),
+        "features": Key(None, _int(ge=1), "capacity: the head sees only the first k "
+                        "coordinates of g, 1 <= k <= problem.dim (default: all); samples are "
+                        "drawn at problem.dim and truncated, the theory is the marginal "
+                        "problem's, the reference is W0[:, :k] (reward_head, prompt_offset and "
+                        "pretrain means are truncated alike)"),
+        "hidden_units": Key(None, _hidden_units, "capacity: a one-hidden-layer MLP head "
+                            "f(g) = U relu(A g + a) with H hidden units (integer >= 1): rewards "
+                            "f(g) for reward_model/binary, logits W0 g + f(g) for the DPO "
+                            "family and sft; A ~ N(0, 1/d) per seed from init_seed, a = U = 0; "
+                            "no population flow (needs theory.population = false)"),
     },
     "train": {
         "objective": Key("dpo", _train_objective, _objective_doc()),
@@ -326,11 +343,12 @@ def parse_config(raw: dict) -> dict:
     if "prompt_offset" in model:
         model["prompt_offset"] = check_finite_array("model.prompt_offset", model["prompt_offset"],
                                                     (config["problem"]["dim"],)).tolist()
-    _check_reward_heads(config)
-    _check_pretrain(config)
     if "principles" in config["problem"]:
         config["problem"]["principles"] = _principles(config["problem"]["principles"],
                                                       config["problem"]["dim"])
+    _check_head(config)
+    _check_reward_heads(config)
+    _check_pretrain(config)
     problem = build_problem(config)  # every numeric check on means and covariances, with paths
     counts = allocate(train["n"], problem.weights)
     if counts.min() < 1:
@@ -413,6 +431,47 @@ def _phase_objectives(train: dict) -> list[tuple[str, object]]:
         return [(f"train.phases.{i}.objective", p["objective"])
                 for i, p in enumerate(train["phases"])]
     return [("train.objective", train["objective"])]
+
+
+def _check_head(config: dict) -> None:
+    """``model.features <= problem.dim`` (and a marginal the family keeps); an MLP head
+    (``model.hidden_units``) trains one phase of an objective on pairs, labels or
+    demonstrations from its own start, with no population flow."""
+    model, train = config["model"], config["train"]
+    if "features" in model:
+        problem = build_problem(config)
+        if model["features"] > problem.dim:
+            raise ParameterError("model.features", model["features"],
+                                 f"must be <= problem.dim = {problem.dim}")
+        try:
+            problem.restrict(model["features"])
+        except ParameterError as err:
+            raise err.at("model") from None
+    if "hidden_units" not in model:
+        return
+    why = "with model.hidden_units (an MLP head)"
+    phases = _phase_objectives(train)
+    for path, spec in phases:
+        obj, _ = resolve_objective(spec, path=path)
+        if obj.data in ("prompts", "context"):
+            raise ParameterError(path, obj.name, f"cannot train an MLP head (model.hidden_units):"
+                                 f" its loss reads {obj.data}; use an objective on pairs, "
+                                 "labels or demonstrations")
+    if len(phases) > 1 or train.get("start") == "aligned":
+        raise ParameterError("train.phases" if "phases" in train else "train.start",
+                             len(phases) if "phases" in train else "aligned",
+                             f"must be one phase from the reference {why}")
+    if "n" in train.get("phases", [{}])[0]:
+        raise ParameterError("train.phases.0.n", train["phases"][0]["n"], f"cannot be given "
+                             f"{why}: vary train.n instead")
+    if config["theory"]["population"]:
+        raise ParameterError("theory.population", True, f"must be false {why}: there is no "
+                             "population flow for it; set theory.population = false")
+    for key in ("reward_head", "prompt_offset"):
+        if key in model:
+            raise ParameterError(f"model.{key}", "given", f"cannot be combined {why}")
+    if "components" in config["pretrain"]:
+        raise ParameterError("pretrain.components", "given", f"cannot be combined {why}")
 
 
 def _check_pretrain(config: dict) -> None:

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -86,6 +87,9 @@ def _memory_terms(config: dict) -> dict[str, int]:
         # RL: reference logits and rewards on the training prompts, task and trained
         # rewards on the evaluated ones, and the rollout's logits and returns
         + (6 * seeds * vocab * n * item if rl else 0)
+        # an MLP head: its (S, H, B) pre-activations, activations and their gradients held
+        # by autograd, and the (S, H, n) hidden layer of an evaluation
+        + seeds * model.get("hidden_units", 0) * (4 * batch + n) * item
         # a held-out sample: its draws, features and signed copy, and its evaluator's rows
         + seeds * train.get("heldout_n", 0) * (dim * (8 + 8 + 2 * item) + 7 * item),
         # the recorded (E, S, P, K, 7) metrics and the tidy table built from them
@@ -168,18 +172,27 @@ def run_experiment(config: dict, *, progress: bool = True) -> pd.DataFrame:
     shorthand ``train.start = "aligned"`` is an unrecorded phase of
     ``train.align_steps`` DPO steps on the unflipped data first (step 0 = the
     aligned policy).
+
+    Capacity (``model.features = k``, ``model.hidden_units = H``): the head sees the
+    first ``k`` coordinates of samples drawn at ``problem.dim`` (the theory: the
+    marginal problem, :meth:`synthetic.problem.Problem.restrict`); an MLP head
+    (:mod:`dynamics.mlp_head`) has simulation rows only, and no bound columns.
     """
-    problem = build_problem(config)
+    drawn = build_problem(config)  # samples are drawn here, then truncated to k coordinates
     model, train, theory = config["model"], config["train"], config["theory"]
-    w0 = reference_weights(problem.dim, vocab_size=model["vocab_size"],
+    w0 = reference_weights(drawn.dim, vocab_size=model["vocab_size"],
                            scale=model["init_scale"], seed=model["init_seed"],
                            given=model.get("reference"))
     phases = phases_of(config)
     pretrain, pretrain_n = pretraining_of(config)
-    # Theorems 1-3 are about DPO from the reference on the whole training set
+    problem, w0, head0, offset, pretrain = _restricted(model.get("features", drawn.dim), drawn,
+                                                       w0, model, pretrain)
+    mlp = ({"hidden_units": model["hidden_units"], "head_seed": model["init_seed"]}
+           if "hidden_units" in model else None)
+    # Theorems 1-3 are about DPO (a linear head) from the reference on the whole training set
     only = phases[0]
     bounded = (theory["bounds"] and len(phases) == 1 and only.behaviors is None
-               and objective_name(only.objective) == "dpo")
+               and objective_name(only.objective) == "dpo" and mlp is None)
     beta, every = train["beta"], train["eval_every"]
     total = sum(p.steps for p in phases)
     frames = []
@@ -192,10 +205,9 @@ def run_experiment(config: dict, *, progress: bool = True) -> pd.DataFrame:
                         continuous=theory["continuous"])
             recorded, trajectories = run_theory(mixture, phases, beta=beta, reference=w0,
                                                 eval_every=every, progress=bar.update,
-                                                reward_head=model.get("reward_head"),
-                                                pretrain=pretrain,
+                                                reward_head=head0, pretrain=pretrain,
                                                 reward_scales=reward_scales_of(config),
-                                                prompt_offset=model.get("prompt_offset"), **flow)
+                                                prompt_offset=offset, **flow)
             if theory["bounds"]:
                 for frame, trajectory in zip(recorded, _recorded(trajectories, phases)):
                     values = np.full((len(trajectory.steps), len(problem.names),
@@ -211,16 +223,18 @@ def run_experiment(config: dict, *, progress: bool = True) -> pd.DataFrame:
             frames += recorded
         dtype = torch.float64 if train["dtype"] == "float64" else torch.float32
         seeds = train["seeds"]
-        data = sample_batch(problem, train["n"], seeds, dtype=dtype,
-                            device=resolve_device(train["device"]))
+        data = sample_batch(drawn, train["n"], seeds, dtype=dtype,
+                            device=resolve_device(train["device"])).restrict(problem.dim)
+        heldout = _heldout(drawn, train, dtype)
+        heldout = None if heldout is None else heldout.restrict(problem.dim)
         recorded, results = run_simulation(data, phases, seeds=seeds, beta=beta, reference=w0,
                                            eval_every=every, batch_size=train.get("batch_size"),
                                            progress=lambda k: bar.update(1),
-                                           reward_head=model.get("reward_head"),
+                                           reward_head=head0,
                                            pretrain=pretrain, pretrain_n=pretrain_n,
                                            reward_scales=reward_scales_of(config),
-                                           heldout=_heldout(problem, train, dtype),
-                                           prompt_offset=model.get("prompt_offset"))
+                                           heldout=heldout,
+                                           prompt_offset=offset, mlp=mlp)
         if theory["bounds"]:
             full_batch = train.get("batch_size", train["n"]) == train["n"]
             for frame, result in zip(recorded, _recorded(results, phases)):
@@ -240,6 +254,19 @@ def run_experiment(config: dict, *, progress: bool = True) -> pd.DataFrame:
     finally:
         bar.close()
     return pd.concat(frames, ignore_index=True)
+
+
+def _restricted(k: int, problem, w0, model: dict, pretrain):
+    """What the head sees with ``model.features = k``: the marginal problem, ``W0[:, :k]``,
+    and the reward head, prompt offset and pretraining means cut to their first ``k``
+    coordinates (``k = d``: all as given)."""
+    head, offset = model.get("reward_head"), model.get("prompt_offset")
+    if k == problem.dim:
+        return problem, w0, head, offset, pretrain
+    cut = lambda v: None if v is None else np.asarray(v, dtype=np.float64)[..., :k]  # noqa
+    if pretrain is not None:
+        pretrain = dataclasses.replace(pretrain, means=cut(pretrain.means))
+    return problem.restrict(k), w0[:, :k], cut(head), cut(offset), pretrain
 
 
 _HELDOUT_TAG = 0x68656c64  # "held": the held-out sample's stream, apart from the training one

@@ -197,10 +197,11 @@ def run_simulation(data: PreferenceSample, phases: Sequence[Phase], *, seeds, be
                    progress: Callable[[int], None] | None = None, reward_head=None,
                    pretrain=None, pretrain_n: int | None = None, reward_scales=None,
                    heldout: PreferenceSample | None = None, prompt_offset=None,
-                   ) -> tuple[list[pd.DataFrame], list]:
+                   mlp: dict | None = None) -> tuple[list[pd.DataFrame], list]:
     """Every seed through every phase: the recorded frames and, per phase, its
     :class:`~dynamics.simulate.SimulationResult`. ``reward_head``: ``Φ`` at the
-    start (default 0), the same for every seed."""
+    start (default 0), the same for every seed. ``mlp`` (``hidden_units``, ``head_seed``):
+    an MLP head (:mod:`dynamics.mlp_head`), whose state no later phase reads."""
     num_seeds, _, dim = data.features.shape
     vocab = reference.shape[0]
     dtype, device = data.features.dtype, data.features.device
@@ -227,7 +228,12 @@ def run_simulation(data: PreferenceSample, phases: Sequence[Phase], *, seeds, be
             reward_head=_head_for(obj, state["reward"][:, 0], index), pretrain=pretrain,
             pretrain_n=pretrain_n, reward_scales=reward_scales,
             heldout=None if held is None else dataclasses.replace(
-                held, features=held.features.to(dtype)), prompt_offset=prompt_offset)
+                held, features=held.features.to(dtype)), prompt_offset=prompt_offset,
+            **(mlp or {}))
+        if result.final is None:  # an MLP head: one phase, no canonical state to carry
+            recorder.add(result.frame(), index, phase, obj.name)
+            results.append(result)
+            continue
         if base is not None and bool(torch.any(base != 0)):
             _correct_simulation(result, sample, w0, base, beta)
         if obj.block == "reward":

@@ -60,6 +60,7 @@ class SimulationResult:
     final: torch.Tensor
     deltas: torch.Tensor | None = None
     per_run: dict[str, np.ndarray] = field(default_factory=dict)
+    head: dict[str, torch.Tensor] | None = None  # an MLP head's final A, a, U (final: None)
 
     def frame(self) -> pd.DataFrame:
         return tidy_frame(source="simulation", steps=self.steps, lr=self.lr, beta=self.beta,
@@ -128,6 +129,8 @@ def simulate_sample(
     reward_scales=None,
     heldout: PreferenceSample | None = None,
     prompt_offset=None,
+    hidden_units: int | None = None,
+    head_seed: int = 0,
 ) -> SimulationResult:
     """Train on a batched sample (``data.features`` of shape ``(S, n, d)``).
 
@@ -163,6 +166,9 @@ def simulate_sample(
     (e.g. a previous result's ``final``), for the others ``(R, d)`` or ``(S, P, R, d)`` with ``R``
     the objective's rows (``V`` for the ``all`` view). Metrics are recorded at
     steps ``0, eval_every, …, steps``; ``progress(k)`` is called after each step.
+
+    ``hidden_units`` (``H ≥ 1``) trains a one-hidden-layer MLP head instead of the
+    linear one (:mod:`dynamics.mlp_head`, its start drawn from ``head_seed``).
     """
     x, s = data.features, data.signs  # (S, n, d), (S, n)
     if x.dim() != 3:
@@ -183,6 +189,18 @@ def simulate_sample(
     if w0.dim() != 3 or w0.shape[0] not in (1, num_seeds) or w0.shape[2] != dim:
         raise ParameterError("reference", tuple(w0.shape),
                              f"must have shape (V, {dim}) or ({num_seeds}, V, {dim})")
+    if hidden_units is not None:  # an MLP head: its own trainer, the linear engines untouched
+        from dynamics.mlp_head import simulate_mlp
+        return simulate_mlp(data, seeds=list(seeds), obj=obj, hyper=hyper, beta=beta_np,
+                            lr=lr_np, steps=steps, w0=w0, hidden_units=hidden_units,
+                            head_seed=head_seed, batch_size=batch_size, eval_every=eval_every,
+                            progress=progress, train_behaviors=train_behaviors, heldout=heldout,
+                            refused={"delta0": None if delta0 is None or not bool(
+                                         torch.as_tensor(delta0).any()) else delta0,
+                                     "reward_head": reward_head,
+                                     "pretrain": pretrain, "prompt_offset": prompt_offset,
+                                     "train_n": train_n,
+                                     "keep_deltas": keep_deltas or None})
     rows = obj.rows or w0.shape[1]
     shape = (num_seeds, len(beta_np), rows, dim)
     theta = torch.zeros(shape, dtype=dtype, device=device)

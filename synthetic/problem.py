@@ -181,6 +181,32 @@ class Problem:
         """Rows ``c_i = (μ_i⁺ + μ_i⁻)/2``, shape ``(K, d)``."""
         return np.stack([(b.mu_pos + b.mu_neg) / 2 for b in self.behaviors])
 
+    def restrict(self, features: int) -> "Problem":
+        """The marginal problem of the first ``features = k`` coordinates of ``g``: each
+        behavior's ``μ±[:k]``, ``Σ±[:k, :k]``, weights, class balance, family and label
+        noise kept. It is the law of ``g[:k]`` for ``g`` drawn from this problem, so a
+        sample drawn here and truncated is a sample of it (common random numbers across
+        ``k``). ``k = d`` returns ``self``. Gaussian and Laplace are closed under marginals
+        (``g = μ + √w L z``); ``uniform`` (``μ + L z``, ``z`` i.i.d. uniform) is only when
+        every covariance is diagonal, and is refused otherwise."""
+        k = check_integer("features", features, ge=1, le=self.dim)
+        if k == self.dim:
+            return self
+        if self.principles is not None:
+            raise ParameterError("features", k, f"must equal dim = {self.dim} with principles "
+                                 "(the judge labels the whole embedding)")
+        if self.family == "uniform":
+            for b in self.behaviors:
+                for cov in (b.cov_pos, b.cov_neg):
+                    if np.any(cov != np.diag(np.diag(cov))):
+                        raise ParameterError("features", k, f"must equal dim = {self.dim} for "
+                                             "the uniform family with a non-diagonal "
+                                             f"covariance (behavior {b.name!r}): its marginal "
+                                             "is not uniform")
+        cut = lambda b: b.replace(mu_pos=b.mu_pos[:k], mu_neg=b.mu_neg[:k],  # noqa: E731
+                                  cov_pos=b.cov_pos[:k, :k], cov_neg=b.cov_neg[:k, :k])
+        return self.replace(behaviors=tuple(cut(b) for b in self.behaviors))
+
     def replace(self, **changes) -> "Problem":
         fields = dict(behaviors=self.behaviors, family=self.family, label_noise=self.label_noise,
                       principles=self.principles)

@@ -46,6 +46,17 @@ class PreferenceSample:
     def n(self) -> int:
         return self.behavior.shape[0]
 
+    def restrict(self, features: int) -> "PreferenceSample":
+        """The first ``features = k`` coordinates of every embedding (a sample of
+        :meth:`synthetic.problem.Problem.restrict`'s marginal problem, on the same draws);
+        ``k = d`` returns ``self``."""
+        dim = self.features.shape[-1]
+        k = check_integer("features", features, ge=1, le=dim)
+        if k == dim:
+            return self
+        return PreferenceSample(self.features[..., :k].contiguous(), self.signs,
+                                self.true_signs, self.behavior, self.names)
+
     def seed(self, index: int) -> "PreferenceSample":
         """One seed of a batched sample, as an unbatched sample."""
         if self.features.dim() != 3:
