@@ -59,6 +59,10 @@ FIGURES: dict[str, Figure] = {
                              "the advantage model", "rlhf_stability",
                              ("rlhf_stability_ptx.toml", "rlhf_stability_rehearsal.toml",
                               "rlhf_stability_scales.toml")),
+    "pretraining": Figure(12, "Preference-model pre-training: held-out accuracy against the "
+                          "target's samples, with and without PMP, against the behaviors' "
+                          "cosine", "pretraining", ("pretraining_pmp.toml",
+                                                    "pretraining_scratch.toml")),
 }
 
 
