@@ -63,6 +63,11 @@ FIGURES: dict[str, Figure] = {
                           "target's samples, with and without PMP, against the behaviors' "
                           "cosine", "pretraining", ("pretraining_pmp.toml",
                                                     "pretraining_scratch.toml")),
+    "principles": Figure(13, "Principle-driven labels: accuracy on the true preference "
+                         "against the principles' cosine, their number and the samples, "
+                         "beside true labels", "principles",
+                         ("principles_judge.toml", "principles_samples.toml",
+                          "principles_true.toml")),
 }
 
 
