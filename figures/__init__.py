@@ -64,6 +64,15 @@ FIGURES: dict[str, Figure] = {
                            "prompt's effect survives", "distillation",
                            ("distillation_constant.toml", "distillation_varying.toml",
                             "distillation_samples.toml")),
+    "pretraining": Figure(13, "Preference-model pre-training: held-out accuracy against the "
+                          "target's samples, with and without PMP, against the behaviors' "
+                          "cosine", "pretraining", ("pretraining_pmp.toml",
+                                                    "pretraining_scratch.toml")),
+    "principles": Figure(14, "Principle-driven labels: accuracy on the true preference "
+                         "against the principles' cosine, their number and the samples, "
+                         "beside true labels", "principles",
+                         ("principles_judge.toml", "principles_samples.toml",
+                          "principles_true.toml")),
 }
 
 

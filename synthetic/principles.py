@@ -30,7 +30,8 @@ import numpy as np
 
 from synthetic.validation import ParameterError, check_choice, check_integer, check_number
 
-__all__ = ["Principles", "principles_with_cosine", "shared_principles", "COMBINE"]
+__all__ = ["Principles", "principles_with_cosine", "shared_principles", "label_quality",
+           "summed_cosine", "COMBINE"]
 
 COMBINE = ("vote", "sum")
 
@@ -132,3 +133,59 @@ def shared_principles(vectors, num_behaviors: int, centers, *,
         raise ParameterError("principles.directions", list(v.shape),
                              "must be a non-empty list of principle vectors (k × d, k >= 1)")
     return Principles(np.broadcast_to(v, (num_behaviors,) + v.shape).copy(), centers, combine)
+
+
+def summed_cosine(cosine: float, count: int) -> float:
+    """The cosine of ``Σ_j p_ij`` with ``d_i`` for :func:`principles_with_cosine`'s ``count``
+    unit principles at cosine ``ρ``: ``ρ√k / √(1 + ρ²(k − 1))`` (``|Σ_j p_j|² = k + k(k−1)ρ²``,
+    since two principles have cosine ``ρ²``)."""
+    rho = check_number("cosine", cosine, ge=-1, le=1)
+    k = check_integer("count", count, ge=1)
+    return rho * np.sqrt(k) / np.sqrt(1 + rho * rho * (k - 1))
+
+
+def label_quality(cosine: float, count: int, distinguishability: float, *, sigma: float = 1.0,
+                  combine: str = "vote") -> float:
+    """``P(ŝ = s)``: the share of true labels from :func:`principles_with_cosine`'s judge
+    on a Gaussian behavior with ``Σ± = σ² I`` and ``‖d_i‖ = δ`` (docs/theory.md §14).
+
+    Given the shared noise ``a = d̂ᵀ(g − μ_s) ~ N(0, σ²)`` along ``d̂`` (class +; the − class
+    is its mirror), principle ``j`` scores ``ρ(δ/2 + a) + √(1 − ρ²) e_j`` with the ``e_j``
+    independent ``N(0, σ²)``, so each votes truly with probability
+    ``q(a) = Φ(ρ(δ/2 + a) / (√(1 − ρ²) σ))`` and
+
+    * ``vote`` (``k`` odd): ``P = ∫ Σ_{j > k/2} C(k, j) q(a)^j (1 − q(a))^{k−j} φ_σ(a) da``,
+      a one-dimensional integral (adaptive quadrature);
+    * ``sum``: one principle along ``Σ_j p_j``, ``P = Φ(c δ / (2σ))`` with ``c`` its cosine
+      (:func:`summed_cosine`), in closed form.
+
+    Both tend to the Bayes rule's ``Φ(δ/(2σ))`` as ``k → ∞`` for any ``ρ > 0``; ``ρ = 1``
+    is that rule for every ``k``, ``ρ = 0`` is a coin (½)."""
+    from scipy import integrate, special, stats
+
+    rho = check_number("cosine", cosine, ge=-1, le=1)
+    k = check_integer("count", count, ge=1)
+    delta = check_number("distinguishability", distinguishability, ge=0)
+    sigma = check_number("sigma", sigma, gt=0)
+    combine = check_choice("combine", combine, COMBINE)
+    if combine == "sum" or k == 1:
+        return float(stats.norm.cdf(summed_cosine(rho, k) * delta / (2 * sigma)))
+    if k % 2 == 0:
+        raise ParameterError("count", k, "must be odd for combine = 'vote' (an even vote's "
+                             "ties are broken by the summed scores, which this integral "
+                             "does not follow)")
+    if abs(rho) == 1:
+        return float(stats.norm.cdf(rho * delta / (2 * sigma)))
+    wins = np.arange(k // 2 + 1, k + 1)
+    log_choose = special.gammaln(k + 1) - special.gammaln(wins + 1) - special.gammaln(k - wins + 1)
+
+    def given(a: float) -> float:
+        z = rho * (delta / 2 + a) / (np.sqrt(1 - rho * rho) * sigma)
+        log_q, log_miss = special.log_ndtr(z), special.log_ndtr(-z)  # log q, log(1 − q)
+        majority = np.exp(log_choose + wins * log_q + (k - wins) * log_miss).sum()
+        return majority * stats.norm.pdf(a, scale=sigma)
+
+    # the integrand's mass lies within a few σ of 0; its steep part near a = −δ/2
+    value, _ = integrate.quad(given, -12 * sigma, 12 * sigma, points=[-delta / 2],
+                              epsabs=1e-12, epsrel=1e-10, limit=200)
+    return float(value)

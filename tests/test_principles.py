@@ -12,14 +12,20 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from scipy import integrate, stats
+from scipy import stats
 
+from conftest import CLOSED_FORM, QUADRATURE, Z_SCORE, assert_close
 from dynamics import population_descent, reference_weights, simulate
 from dynamics.analytic import PopulationFlow
 from dynamics.cli import main
 from dynamics.config import build_problem, load_config
 from synthetic import Behavior, ParameterError, Problem, population_mixture, sample
-from synthetic.principles import principles_with_cosine, shared_principles
+from synthetic.principles import (
+    label_quality,
+    principles_with_cosine,
+    shared_principles,
+    summed_cosine,
+)
 from synthetic.problem import isotropic
 
 W0 = reference_weights(4, vocab_size=2, seed=2)
@@ -42,26 +48,43 @@ def test_the_builder_gives_the_cosines_asked_for():
     np.testing.assert_allclose(off, 0.36, atol=1e-14)  # ρ² between two principles
 
 
-def vote_quality(rho, delta, count, sigma=1.0) -> float:
-    """``P(ŝ = s)`` for ``count`` unit principles at cosine ρ, isotropic σ: given the
-    shared noise ``a`` along ``d̂`` each score is ``ρ(δ/2 + a) + √(1−ρ²) e_j`` (class +;
-    the − class is its mirror), the ``e_j`` independent."""
-    def given(a):
-        q = stats.norm.cdf(rho * (delta / 2 + a) / (np.sqrt(1 - rho**2) * sigma))
-        wins = sum(stats.binom.pmf(j, count, q) for j in range(count // 2 + 1, count + 1))
-        return wins * stats.norm.pdf(a, scale=sigma)
-    return integrate.quad(given, -12 * sigma, 12 * sigma, epsabs=1e-12)[0]
-
-
 @pytest.mark.parametrize("rho, count", [(0.3, 1), (0.5, 3), (0.8, 5)])
 def test_label_quality_equals_the_one_dimensional_integral(rho, count):
     problem = judged(rho, count, dim=8)
     data = sample(problem, 40_000, seed=1, dtype=torch.float64)
     a = data.behavior == 0
     agree = float((data.signs[a] == data.true_signs[a]).double().mean())
-    want = vote_quality(rho, 2.0, count)
+    want = label_quality(rho, count, 2.0)
     n = int(a.sum())
-    assert abs(agree - want) < 5 * np.sqrt(want * (1 - want) / n)
+    assert abs(agree - want) < Z_SCORE * np.sqrt(want * (1 - want) / n)
+
+
+@pytest.mark.parametrize("combine", ["vote", "sum"])
+def test_label_quality_against_sampled_agreement_and_its_limits(combine):
+    """Behavior b (δ = 1) of a 3-principle judge, σ = 1: the measured agreement within
+    the binomial error; ρ = 1 and k → ∞ give the Bayes rule Φ(δ/2σ), ρ = 0 a coin, and a
+    negative cosine the mirror 1 − P."""
+    problem = judged(0.6, 3, combine=combine, dim=8)
+    data = sample(problem, 40_000, seed=5, dtype=torch.float64)
+    b = data.behavior == 1
+    agree = float((data.signs[b] == data.true_signs[b]).double().mean())
+    want = label_quality(0.6, 3, 1.0, combine=combine)
+    assert abs(agree - want) < Z_SCORE * np.sqrt(want * (1 - want) / int(b.sum()))
+    bayes = stats.norm.cdf(1.0)
+    assert_close(label_quality(1.0, 3, 2.0, combine=combine), bayes, QUADRATURE)
+    assert_close(label_quality(0.0, 5, 2.0, combine=combine), 0.5, QUADRATURE)
+    assert_close(label_quality(-0.6, 3, 2.0, combine=combine),
+                 1 - label_quality(0.6, 3, 2.0, combine=combine), QUADRATURE)
+    many = [label_quality(0.5, k, 2.0, combine=combine) for k in (1, 3, 9, 101, 1001)]
+    assert np.all(np.diff(many) > 0) and bayes - many[-1] < 3e-3
+    assert_close(summed_cosine(0.5, 4), 1.0 / np.sqrt(1.75), CLOSED_FORM)
+
+
+def test_label_quality_refuses_what_it_does_not_follow():
+    with pytest.raises(ParameterError, match="count = 2 must be odd"):
+        label_quality(0.5, 2, 2.0)
+    with pytest.raises(ParameterError, match="cosine"):
+        label_quality(1.5, 3, 2.0)
 
 
 def test_sum_of_scores_is_one_principle_along_their_sum():
