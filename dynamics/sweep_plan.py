@@ -34,6 +34,8 @@ import numpy as np
 
 from dynamics.config import (
     BEHAVIOR_KEYS,
+    PHASE_KEYS,
+    PRINCIPLE_KEYS,
     SCHEMA,
     apply_override,
     descend,
@@ -198,6 +200,10 @@ def _key_paths(raw: dict) -> list[str]:
     behaviors = raw.get("problem", {}).get("behaviors", [])
     count = len(behaviors) if isinstance(behaviors, list) else 0
     paths += [f"problem.behaviors.{i}.{k}" for i in range(count) for k in BEHAVIOR_KEYS]
+    paths += [f"problem.principles.{k}" for k in PRINCIPLE_KEYS]
+    phases = raw.get("train", {}).get("phases", [])
+    count = len(phases) if isinstance(phases, list) else 0
+    paths += [f"train.phases.{i}.{k}" for i in range(count) for k in PHASE_KEYS]
     return paths
 
 

@@ -448,3 +448,43 @@ def test_cli_figures_draws_what_the_sweep_names(tmp_path, capsys):
     run_sweep(tiny_plan(grids=["train.beta=1"]), unnamed, jobs=1, progress=False)
     assert main(["figures", str(unnamed), "--out", str(tmp_path / "o")]) == 2
     assert "no [sweep] figure" in capsys.readouterr().err
+
+
+def test_grids_reach_the_principles_and_each_phases_keys():
+    """``problem.principles.*`` and ``train.phases.N.*`` (for the base config's phases)
+    are grid keys: each point's config carries the value; a phase the base config does
+    not have is not."""
+    text = PHASED
+    plan = load_plan("<t>", ["problem.principles.cosine=0.2,0.9", "train.phases.1.n=10,40"],
+                     text=text)
+    values = sorted((p.config["problem"]["principles"]["cosine"],
+                     p.config["train"]["phases"][1]["n"]) for p in plan.points())
+    assert values == [(0.2, 10), (0.2, 40), (0.9, 10), (0.9, 40)]
+    with pytest.raises(ParameterError, match="is not a config key"):
+        load_plan("<t>", ["train.phases.2.n=10,40"], text=text)
+
+
+PHASED = """
+[problem]
+dim = 4
+[problem.principles]
+cosine = 0.5
+[[problem.behaviors]]
+name = "a"
+distinguishability = 2.0
+[[problem.behaviors]]
+name = "b"
+distinguishability = 2.0
+[train]
+n = 100
+seeds = 1
+[[train.phases]]
+objective = "reward_model"
+steps = 3
+behaviors = ["b"]
+pretraining = true
+[[train.phases]]
+objective = "reward_model"
+steps = 3
+behaviors = ["a"]
+"""
