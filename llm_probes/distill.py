@@ -360,7 +360,8 @@ def add_arguments(parser) -> None:
     source.add_argument("--preamble-file", type=Path, metavar="PATH",
                         help="read the preamble from a UTF-8 text file")
     for name, kind, what in (("--steps", int, "steps"), ("--lr", float, "learning rate"),
-                             ("--eval-every", int, "evaluate every N steps")):
+                             ("--eval-every", int, "record the KL every N steps (lora: "
+                              "of the held-out statements; of all at the ends)")):
         key = name[2:].replace("-", "_")
         group.add_argument(name, type=kind, default=None, help=f"{what} (default: " + ", ".join(
             f"{mode} {values[key]:g}" for mode, values in DEFAULTS.items()) + ")")
@@ -432,7 +433,9 @@ def run(ctx) -> list[Path]:
     train, test = np.flatnonzero(split == "train"), np.flatnonzero(split == "test")
     prompted = frame.assign(question=prompted_questions(frame["question"], preamble))
     clock = time.perf_counter()
-    record = dict(mode=args.mode, preamble=preamble, preamble_option=option,
+    given = args.preamble is not None or args.preamble_file is not None
+    record = dict(mode=args.mode, preamble=preamble,
+                  preamble_source=option if given else "default",
                   separator=SEPARATOR, prompt_format=args.prompt_format, **settings,
                   seed=ctx.seed, behaviors=names, n_train=int(len(train)),
                   n_test=int(len(test)), renormalised_over=["Yes", "No"],

@@ -337,7 +337,8 @@ def test_real_features_without_a_prompt_effect_move_nothing(loaded_model,  # noq
 def test_lora_distillation_on_the_real_model(cli, loaded_model, tmp_path):  # noqa: F811
     before = [p.detach().clone() for p in loaded_model.model.parameters()]
     out = tmp_path / "lora"
-    assert cli(out, "--mode", "lora", "--steps", 6, "--eval-every", 3, "--lr", 3e-3) == 0
+    assert cli(out, "--mode", "lora", "--steps", 4, "--eval-every", 2, "--train-batch", 4,
+               "--lr", 3e-3) == 0
     after = list(loaded_model.model.parameters())
     assert len(after) == len(before) and all(torch.equal(a, b) for a, b in zip(after, before))
     curves, summary = _check_outputs(out)
@@ -346,7 +347,7 @@ def test_lora_distillation_on_the_real_model(cli, loaded_model, tmp_path):  # no
     train = summary[summary["split"] == "train"]
     assert train["kl_after"].mean() < train["kl_before"].mean()  # the loss decreased
     assert set(curves["split"]) == {"train", "test", "batch"}
-    assert sorted(set(curves[curves["split"] == "test"]["step"])) == [0, 3, 6]
+    assert sorted(set(curves[curves["split"] == "test"]["step"])) == [0, 2, 4]
 
 
 @pytest.mark.llm
@@ -363,3 +364,13 @@ def test_cli_a_preamble_the_model_cannot_take(cli, tmp_path, capsys, preamble, r
     assert err.startswith("prefdyn: error: --preamble") and "\n" not in err
     assert rule in err
     assert not out.exists()
+
+
+@pytest.mark.llm
+@pytest.mark.cli
+def test_cli_a_behavior_without_held_out_statements(cli, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli(out, "--max-statements", 4) == 2  # 2 of each answer: no test statement
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("prefdyn: error: --max-statements = 4") and "\n" not in err
+    assert "0 held-out statements" in err and not out.exists()
