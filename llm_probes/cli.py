@@ -28,12 +28,15 @@ from synthetic.validation import ParameterError, check_integer
 __all__ = ["PROBES", "PROBE_HELP", "ProbeContext", "add_probe_parser", "parse_behaviors",
            "run_probe"]
 
-PROBES: dict[str, str] = {  # a module may also define check(args): validate, write nothing
+# A module may also define check(args) (validate, write nothing) and check_model(ctx) (the
+# rules that need the loaded model, e.g. its tokenizer; write nothing).
+PROBES: dict[str, str] = {
     "features": "llm_probes.features",
     "last-layer": "llm_probes.last_layer",
     "finetune": "llm_probes.finetune",
     "misalignment": "llm_probes.misalignment",
     "displacement": "llm_probes.displacement",
+    "distill": "llm_probes.distill",
 }
 """Probe name → module defining ``add_arguments(parser)`` and ``run(ctx)``."""
 
@@ -46,6 +49,9 @@ PROBE_HELP: dict[str, str] = {
     "misalignment": "flipped preferences from the base and from the DPO-aligned model",
     "displacement": "likelihood displacement: log π(y_w), log π(y_l), the tokens that gain "
                     "mass, and the CHES score",
+    "distill": "context distillation: a helpful-honest-harmless preamble distilled into the "
+               "Yes/No rows or a LoRA adapter; KL to the prompted model on held-out "
+               "statements, and how much of the prompt's effect survives without it",
 }
 
 
@@ -197,6 +203,8 @@ def run_probe(args: argparse.Namespace) -> int:
     ctx = build_context(args)
     if hasattr(module, "check"):  # the probe's own options, before anything is written
         module.check(args)
+    if hasattr(module, "check_model"):  # rules that need the model, still before any write
+        module.check_model(ctx)
     ctx.out.mkdir(parents=True, exist_ok=True)
     if ctx.progress:
         print(f"probe {args.probe}: {len(ctx.statements)} statements of "

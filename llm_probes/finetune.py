@@ -45,7 +45,8 @@ from llm_probes.training import (
 )
 from synthetic.validation import check_choice, check_integer, check_number
 
-__all__ = ["DEFAULT_LR", "add_training_arguments", "resolved_lr", "config_from_args",
+__all__ = ["DEFAULT_LR", "add_training_arguments", "add_lora_arguments", "lora_options",
+           "resolved_lr", "config_from_args",
            "policy_from_args", "add_arguments", "check", "run"]
 
 DEFAULT_LR = {("full", "adamw"): 1e-5, ("lora", "adamw"): 1e-4,
@@ -62,12 +63,7 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, steps: int = 20,
     group = parser.add_argument_group(title)
     group.add_argument("--method", choices=list(METHODS), default="lora",
                        help="full: every parameter; lora: peft adapters (default: lora)")
-    group.add_argument("--lora-rank", type=int, default=8, help="LoRA rank (default: 8)")
-    group.add_argument("--lora-alpha", type=float, default=None,
-                       help="LoRA alpha (default: 2 × rank)")
-    group.add_argument("--lora-targets", default=",".join(LORA_TARGETS),
-                       help="comma-separated module names to adapt (default: the attention "
-                       "and MLP projections)")
+    add_lora_arguments(group)
     group.add_argument("--optimizer", choices=list(OPTIMIZERS), default="adamw",
                        help="adamw or sgd (default: adamw)")
     group.add_argument("--steps", type=int, default=steps, help=f"steps (default: {steps})")
@@ -89,6 +85,25 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, steps: int = 20,
                        help="chat or plain (default: chat when the tokenizer has a template)")
 
 
+def add_lora_arguments(group) -> None:
+    """``--lora-rank``, ``--lora-alpha``, ``--lora-targets`` (finetune's and distill's)."""
+    group.add_argument("--lora-rank", type=int, default=8, help="LoRA rank (default: 8)")
+    group.add_argument("--lora-alpha", type=float, default=None,
+                       help="LoRA alpha (default: 2 × rank)")
+    group.add_argument("--lora-targets", default=",".join(LORA_TARGETS),
+                       help="comma-separated module names to adapt (default: the attention "
+                       "and MLP projections)")
+
+
+def lora_options(args) -> dict:
+    """:func:`prepare_policy`'s LoRA keywords from those options, validated."""
+    check_integer("--lora-rank", args.lora_rank, ge=1)
+    if args.lora_alpha is not None:
+        check_number("--lora-alpha", args.lora_alpha, gt=0)
+    targets = [t.strip() for t in str(args.lora_targets).split(",") if t.strip()]
+    return dict(lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_targets=targets)
+
+
 def resolved_lr(args) -> float:
     """``--lr``, or the default of (method, optimizer)."""
     if args.lr is not None:
@@ -107,10 +122,7 @@ def config_from_args(args, seed: int, *, steps: int | None = None) -> TrainConfi
 
 def policy_from_args(loaded, args, *, copy_model: bool):
     """:func:`prepare_policy` with the CLI's method and LoRA options."""
-    targets = [t.strip() for t in str(args.lora_targets).split(",") if t.strip()]
-    return prepare_policy(loaded, args.method, lora_rank=args.lora_rank,
-                          lora_alpha=args.lora_alpha, lora_targets=targets,
-                          copy_model=copy_model)
+    return prepare_policy(loaded, args.method, copy_model=copy_model, **lora_options(args))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -128,9 +140,7 @@ def _parameter_counts(policy) -> dict:
 def check(args) -> None:
     """Validate the training options (one-line ParameterError naming the option)."""
     config_from_args(args, args.seed)
-    check_integer("--lora-rank", args.lora_rank, ge=1)
-    if args.lora_alpha is not None:
-        check_number("--lora-alpha", args.lora_alpha, gt=0)
+    lora_options(args)
 
 
 def run(ctx) -> list[Path]:
