@@ -38,6 +38,7 @@ for the QMC parts); it does not depend on a sample size.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -68,7 +69,32 @@ def _against(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
     return values @ weights if weights.ndim == 1 else (values * weights).sum(-1)
 
 
+@functools.lru_cache(maxsize=32)
+def _standard_points(family: str, dims: int, points: int, seed: int) -> torch.Tensor:
+    """Scrambled Sobol points of ``(0,1)^(dims+1)`` mapped to the family's standardised
+    draws, ``(points, dims)`` float64: a pure function of its arguments, kept per process
+    so the flows of a sweep or a figure share one draw (never written to)."""
+    unit = stats.qmc.Sobol(dims + 1, scramble=True, seed=seed).random(points)
+    return torch.as_tensor(get_family(family).standard_from_unit(
+        np.clip(unit, 1e-12, 1 - 1e-12)))
+
+
+_OFFSETS: dict = {}
+
+
 def _logistic_offset(objective, hyper) -> float | None:
+    """:func:`_recognise_logistic`, once per objective and hyperparameters."""
+    try:
+        key = (objective.name, tuple(sorted(hyper.items())))
+        hash(key)
+    except TypeError:
+        return _recognise_logistic(objective, hyper)
+    if key not in _OFFSETS:
+        _OFFSETS[key] = _recognise_logistic(objective, hyper)
+    return _OFFSETS[key]
+
+
+def _recognise_logistic(objective, hyper) -> float | None:
     """``c`` when ``objective``'s margin derivatives are the logistic family's,
     ``ℓ'(h) = −b(q + c)`` and ``ℓ''(h) = b² q(1 − q)`` with ``q = σ(−b h)`` and ``b = β``
     (``b = 1`` for an objective that does not use β): DPO (``c = 0``), cDPO, robust
@@ -368,8 +394,7 @@ class PopulationFlow:
             dims = mixture.dim  # uniform: points g = μ_c + L_c z in full dimension
             vals, vecs = torch.linalg.eigh(self.cov)
             self.root = vecs * vals.clamp_min(0).sqrt()[:, None, :]  # (C, d, d): L Lᵀ = Σ
-        unit = stats.qmc.Sobol(dims + 1, scramble=True, seed=qmc_seed).random(qmc_points)
-        self.z = t(self.family.standard_from_unit(np.clip(unit, 1e-12, 1 - 1e-12)))  # (M, dims)
+        self.z = _standard_points(self.family.name, dims, qmc_points, qmc_seed)  # (M, dims)
         # W0 g_cm = W0 μ_c + (root_c z_m)[:V] (exact) or W0 L_c z_m (uniform)
         mixing = self.root if self.exact else self.w0 @ self.root  # (C, V, ·)
         logits0 = (self.mu @ self.w0.T)[:, None, :] + self.z[:, :mixing.shape[-1]] @ (
@@ -565,9 +590,7 @@ class PopulationFlow:
         forces it)."""
         if self._cloud_points is None:
             d = self.mu.shape[1]
-            unit = stats.qmc.Sobol(d + 1, scramble=True, seed=self.qmc_seed).random(
-                self.qmc_points)
-            z = torch.as_tensor(self.family.standard_from_unit(np.clip(unit, 1e-12, 1 - 1e-12)))
+            z = _standard_points(self.family.name, d, self.qmc_points, self.qmc_seed)
             vals, vecs = torch.linalg.eigh(self.cov)
             root = vecs * vals.clamp_min(0).sqrt()[:, None, :]  # (C, d, d): L Lᵀ = Σ
             self._cloud_points = self.mu[:, None, :] + z @ root.transpose(1, 2)

@@ -24,6 +24,8 @@ population expectations use quasi-Monte Carlo instead.
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -81,16 +83,11 @@ class Family:
         density ``e^{−√2|y|}/√2`` (variance 1), on ``[−28.3, 28.3]`` split at
         the kink ``y = 0``, and ``E[w | Y = y] = |y|/√2 + ½`` (a ratio of
         Bessel-K integrals, K_{3/2}/K_{1/2}).
+
+        Computed once per process (:func:`_projection_rule`); the caller gets copies.
         """
-        if self.name == "gaussian":
-            y = _composite_legendre(10.0, panel_width, points)
-            return y.nodes, y.weights * np.exp(-y.nodes**2 / 2) / np.sqrt(2 * np.pi), np.ones(
-                y.nodes.size)
-        if self.name == "laplace":
-            y = _composite_legendre(40.0 / np.sqrt(2.0), panel_width, points)
-            density = np.exp(-np.sqrt(2.0) * np.abs(y.nodes)) / np.sqrt(2.0)
-            return y.nodes, y.weights * density, np.abs(y.nodes) / np.sqrt(2.0) + 0.5
-        return None
+        rule = _projection_rule(self.name, float(panel_width), int(points))
+        return None if rule is None else tuple(a.copy() for a in rule)
 
     def graded_rule(self, low, high, fine: np.ndarray, *, coarse: float = 0.5,
                     points: int = 8):
@@ -209,3 +206,17 @@ def get_family(name: str, *, param: str = "family") -> Family:
     from synthetic.validation import check_choice
 
     return FAMILIES[check_choice(param, name, FAMILIES)]
+
+
+@functools.lru_cache(maxsize=64)
+def _projection_rule(name: str, panel_width: float, points: int):
+    """:meth:`Family.projection_rule`'s arrays for the family ``name``."""
+    if name == "gaussian":
+        y = _composite_legendre(10.0, panel_width, points)
+        return y.nodes, y.weights * np.exp(-y.nodes**2 / 2) / np.sqrt(2 * np.pi), np.ones(
+            y.nodes.size)
+    if name == "laplace":
+        y = _composite_legendre(40.0 / np.sqrt(2.0), panel_width, points)
+        density = np.exp(-np.sqrt(2.0) * np.abs(y.nodes)) / np.sqrt(2.0)
+        return y.nodes, y.weights * density, np.abs(y.nodes) / np.sqrt(2.0) + 0.5
+    return None
