@@ -64,6 +64,15 @@ FIGURES: dict[str, Figure] = {
                            "prompt's effect survives", "distillation",
                            ("distillation_constant.toml", "distillation_varying.toml",
                             "distillation_samples.toml")),
+    "imitation_vs_preference": Figure(13, "Imitation, binary discrimination and ranked "
+                                      "preference on the same data: held-out preference "
+                                      "accuracy against samples and capacity",
+                                      "imitation", ("imitation_samples.toml",
+                                                    "imitation_start.toml",
+                                                    "imitation_features.toml",
+                                                    "imitation_mlp.toml",
+                                                    "imitation_linear.toml",
+                                                    "imitation_vocab.toml")),
 }
 
 
