@@ -170,7 +170,8 @@ def _errorbar(ax, table, x, colour, label, **kw):
 
 def _by_n(ax, tables, colours, title, theory_table):
     """Accuracy against n for the three objectives (imitation at init_scale 1) and
-    imitation's other starts; the flow's value at that step per objective dashed."""
+    imitation's other starts; the flow's value at that step per objective (and for
+    imitation from the strong reference) dashed."""
     samples, start = tables
     for objective in NAMES:
         rows = samples[samples["objective"] == objective]
@@ -182,6 +183,10 @@ def _by_n(ax, tables, colours, title, theory_table):
             if not rows.empty:
                 _errorbar(ax, rows, "n", colours["sft"], f"imitation, init_scale {scale:g}",
                           alpha=0.75, **style)
+            flow = rows[rows["source"] == "theory"]["accuracy"]
+            if len(flow) and scale != 0.0:  # u0 = 0: ranked preference's flow, drawn
+                ax.axhline(float(flow.mean()), color=colours["sft"], lw=1.0, ls="--",
+                           alpha=0.6)
     for objective in NAMES:
         flow = theory_table[(theory_table["objective"] == objective)
                             & (theory_table["source"] == "theory")]["accuracy"]
@@ -315,7 +320,8 @@ def plot(sweeps, out: Path) -> list[Path]:
               f"preference exactly, from a strong reference it lags", summary(budget))
         _by_n(axes[0, 1], (summary(end), start_end), colours,
               f"(b) Against n near convergence (step {int(end['step'].max())}): the three "
-              f"coincide\n(Proposition 11), the flow's value the asymptote", summary(end))
+              f"coincide\nfrom n = 16 (Proposition 11), the flow's value the asymptote",
+              summary(end))
         _draw_gaps(axes[1, 2], budget, end, colours)
     features = load("features")
     if features is not None:
