@@ -73,6 +73,15 @@ FIGURES: dict[str, Figure] = {
                          "beside true labels", "principles",
                          ("principles_judge.toml", "principles_samples.toml",
                           "principles_true.toml")),
+    "imitation_vs_preference": Figure(15, "Imitation, binary discrimination and ranked "
+                                      "preference on the same data: held-out preference "
+                                      "accuracy against samples and capacity",
+                                      "imitation", ("imitation_samples.toml",
+                                                    "imitation_start.toml",
+                                                    "imitation_features.toml",
+                                                    "imitation_mlp.toml",
+                                                    "imitation_linear.toml",
+                                                    "imitation_vocab.toml")),
 }
 
 
