@@ -1,0 +1,183 @@
+"""Pairwise preference data with multi-token responses (:mod:`llm_probes.pairs`).
+
+Checked on the shared HH-RLHF harmless-base test split (2,312 real pairs, of which 5
+have chosen and rejected dialogues that differ before the last assistant turn and 4 an
+empty chosen response, found independently below with plain string operations), on
+hand-written files in both formats, plain and gzip, and with a whitespace tokenizer for
+the budgets; the real tokenizer in the ``llm`` tier."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+
+from llm_fixtures import llm_cache_dir, loaded_model  # noqa: F401
+from llm_probes.pairs import ASSISTANT, load_pairs, split_dialogue, tokenize_pairs
+from synthetic.validation import ParameterError
+
+HH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "hh-rlhf" / \
+    "harmless-base-test.jsonl.gz"
+needs_hh = pytest.mark.skipif(not HH.exists(), reason="../shared/data/hh-rlhf is not here")
+
+
+def naive_hh():
+    """The shared file's records, and the line numbers of its bad pairs by reason,
+    found with plain string operations."""
+    records = [json.loads(line) for line in gzip.open(HH, "rt", encoding="utf-8")]
+    differ, empty = [], []
+    for number, r in enumerate(records, 1):
+        c, j = r["chosen"], r["rejected"]
+        ic, ij = c.rindex("\n\nAssistant:") + 12, j.rindex("\n\nAssistant:") + 12
+        if c[:ic] != j[:ij]:
+            differ.append(number)
+        elif not c[ic:].strip() or not j[ij:].strip():
+            empty.append(number)
+    return records, differ, empty
+
+
+@needs_hh
+def test_the_shared_hh_file_loads_with_its_bad_pairs_counted():
+    records, differ, empty = naive_hh()
+    assert len(records) == 2312 and len(differ) == 5 and len(empty) == 4
+    pairs = load_pairs(HH, skip_bad=True)
+    assert len(pairs) == 2312 - 9
+    assert pairs.skipped == {"prompts differ": 5, "empty response": 4}
+    assert "skipped 9 (4 empty response, 5 prompts differ)" in pairs.report()
+    assert not set(pairs.frame.line) & set(differ + empty)
+    for row in pairs.frame.itertuples():  # prompt + response is the dialogue, exactly
+        record = records[row.line - 1]
+        assert row.prompt + row.chosen == record["chosen"]
+        assert row.prompt + row.rejected == record["rejected"]
+        assert row.prompt.endswith(ASSISTANT) and row.format == "hh"
+
+
+@needs_hh
+def test_a_bad_pair_stops_the_load_naming_file_and_line():
+    _, differ, _ = naive_hh()
+    with pytest.raises(ParameterError) as err:
+        load_pairs(HH)
+    first = min(differ + naive_hh()[2])
+    assert err.value.name == "pairs" and err.value.value == f"{HH}:{first}"
+    assert "(or --skip-bad)" in str(err.value)
+
+
+def write(path: Path, lines, gz=False) -> Path:
+    text = "".join((line if isinstance(line, str) else json.dumps(line)) + "\n"
+                   for line in lines)
+    if gz:
+        with gzip.open(path, "wt", encoding="utf-8") as handle:
+            handle.write(text)
+    else:
+        path.write_text(text, encoding="utf-8")
+    return path
+
+
+GOOD = [{"prompt": "Is the sky blue?", "chosen": " Yes, on a clear day.", "rejected": " No."},
+        {"chosen": "\n\nHuman: hi\n\nAssistant: hello there",
+         "rejected": "\n\nHuman: hi\n\nAssistant: go away"}]
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_both_formats_plain_or_gzip_whatever_the_name(tmp_path, gz):
+    path = write(tmp_path / "pairs.txt", GOOD + [""], gz=gz)  # a blank line is ignored
+    pairs = load_pairs(path)
+    assert list(pairs.frame.format) == ["prompt", "hh"]
+    assert list(pairs.frame.prompt) == ["Is the sky blue?", "\n\nHuman: hi\n\nAssistant:"]
+    assert list(pairs.frame.chosen) == [" Yes, on a clear day.", " hello there"]
+    assert list(pairs.frame.line) == [1, 2] and pairs.skipped == {}
+    assert len(load_pairs(path, max_pairs=1)) == 1
+
+
+@pytest.mark.parametrize("line, rule", [
+    ("{not json", "must be valid JSON"),
+    ("[1, 2]", "must be a JSON object"),
+    ({"chosen": "\n\nHuman: a\n\nAssistant: b"}, "must have the key 'rejected'"),
+    ({"prompt": "p", "chosen": 3, "rejected": "r"}, "must have a string 'chosen', not int"),
+    ({"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: c\n\nAssistant: b"},
+     "must share the dialogue up to the last assistant turn (chosen and rejected differ "
+     "from character 9)"),
+    ({"chosen": "Human: a", "rejected": "Human: a"}, "must hold an assistant turn"),
+    ({"prompt": "p", "chosen": "  \n", "rejected": "r"}, "must have a non-empty chosen "
+     "response"),
+])
+def test_each_bad_line_names_file_line_and_rule_or_is_skipped(tmp_path, line, rule):
+    path = write(tmp_path / "p.jsonl", GOOD + [line])
+    with pytest.raises(ParameterError) as err:
+        load_pairs(path)
+    assert err.value.value == f"{path}:3" and rule in str(err.value), str(err.value)
+    kept = load_pairs(path, skip_bad=True)
+    assert len(kept) == 2 and sum(kept.skipped.values()) == 1
+
+
+def test_unreadable_empty_non_utf8_and_broken_gzip_files(tmp_path):
+    with pytest.raises(ParameterError, match="cannot be read"):
+        load_pairs(tmp_path / "missing.jsonl")
+    with pytest.raises(ParameterError, match="must hold at least one good pair"):
+        load_pairs(write(tmp_path / "empty.jsonl", [""]))
+    with pytest.raises(ParameterError, match=r"must hold at least one good pair \(skipped 1\)"):
+        load_pairs(write(tmp_path / "bad.jsonl", ["{"]), skip_bad=True)
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(json.dumps(GOOD[0]).encode() + b"\n\xe9\n")
+    with pytest.raises(ParameterError, match="must be UTF-8 text"):
+        load_pairs(latin)
+    whole = write(tmp_path / "whole.gz", GOOD * 200, gz=True).read_bytes()
+    broken = tmp_path / "broken.gz"
+    broken.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(ParameterError, match="must be a whole gzip file"):
+        load_pairs(broken)
+
+
+class Words:
+    """A tokenizer stand-in: one id per whitespace-separated word."""
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [len(word) for word in text.split()]}
+
+
+def test_budgets_keep_the_prompts_end_and_the_responses_start_and_report_every_cut(tmp_path):
+    lines = [{"prompt": "one two three four five", "chosen": "a bb ccc dddd",
+              "rejected": "x"},
+             {"prompt": "short", "chosen": "a", "rejected": "yy zzz"}]
+    pairs = load_pairs(write(tmp_path / "p.jsonl", lines))
+    tok = tokenize_pairs(pairs, Words(), max_prompt_tokens=3, max_response_tokens=2)
+    f = tok.frame
+    assert f.prompt_ids.tolist() == [[5, 4, 4], [5]]  # "three four five": its last 3
+    assert f.chosen_ids.tolist() == [[1, 2], [1]] and f.rejected_ids.tolist() == [[1], [2, 3]]
+    assert f.prompt_cut.tolist() == [True, False]
+    assert f.chosen_cut.tolist() == [True, False] and f.rejected_cut.tolist() == [False, False]
+    assert ("cut: 1 prompts (kept their last tokens), 1 chosen and 0 rejected responses"
+            in tok.report())
+
+
+def test_a_response_the_budget_cuts_to_nothing_is_a_bad_pair(tmp_path):
+    pairs = load_pairs(write(tmp_path / "p.jsonl", GOOD))
+    with pytest.raises(ParameterError) as err:
+        tokenize_pairs(pairs, Words(), max_response_tokens=0)
+    assert err.value.value == f"{tmp_path / 'p.jsonl'}:1"
+    assert "must keep a non-empty chosen response under the budget of 0" in str(err.value)
+    with pytest.raises(ParameterError, match="must keep at least one pair"):
+        tokenize_pairs(pairs, Words(), max_response_tokens=0, skip_bad=True)
+
+
+def test_split_dialogue_keeps_the_marker_in_the_prompt():
+    prompt, response = split_dialogue("\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant: d")
+    assert prompt == "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant:"
+    assert response == " d"
+
+
+@needs_hh
+@pytest.mark.llm
+def test_real_tokens_decode_back_to_the_dialogue(loaded_model):  # noqa: F811
+    """Byte-level BPE: prompt and response tokenized apart decode to the dialogue
+    exactly, for every pair the budgets did not cut."""
+    tokenizer = loaded_model.tokenizer
+    pairs = load_pairs(HH, skip_bad=True, max_pairs=200)
+    tok = tokenize_pairs(pairs, tokenizer, max_prompt_tokens=256, max_response_tokens=64)
+    whole = tok.frame[~(tok.frame.prompt_cut | tok.frame.chosen_cut)]
+    assert len(whole) > 50
+    for row in whole.itertuples():
+        assert tokenizer.decode(row.prompt_ids + row.chosen_ids) == row.prompt + row.chosen
+    assert tok.frame.prompt_cut.any() and tok.frame.chosen_cut.any()  # budgets bite here
