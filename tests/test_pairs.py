@@ -12,7 +12,9 @@ import gzip
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from llm_fixtures import llm_cache_dir, loaded_model  # noqa: F401
 from llm_probes.pairs import ASSISTANT, load_pairs, split_dialogue, tokenize_pairs
@@ -181,3 +183,52 @@ def test_real_tokens_decode_back_to_the_dialogue(loaded_model):  # noqa: F811
     for row in whole.itertuples():
         assert tokenizer.decode(row.prompt_ids + row.chosen_ids) == row.prompt + row.chosen
     assert tok.frame.prompt_cut.any() and tok.frame.chosen_cut.any()  # budgets bite here
+
+
+# ------------------------------------------------------------------ response features
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from llm_probes.pair_features import length_batches, response_features  # noqa: E402
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(1, 50), min_size=1, max_size=40), st.integers(1, 8),
+       st.integers(2, 200))
+def test_length_batches_cover_every_sequence_once_within_the_budgets(lengths, size, budget):
+    batches = length_batches(lengths, size, budget)
+    flat = np.concatenate(batches)
+    assert sorted(flat.tolist()) == list(range(len(lengths)))
+    lengths = np.array(lengths)
+    assert np.all(np.diff(lengths[flat]) >= 0)  # by increasing length
+    for batch in batches:
+        assert len(batch) <= size
+        assert len(batch) == 1 or len(batch) * lengths[batch].max() <= budget
+
+
+@needs_hh
+@pytest.mark.llm
+def test_response_features_equal_one_unbatched_forward_per_response(loaded_model):  # noqa: F811
+    """Naive reference: each prompt + response alone through the whole model, its
+    log-probabilities from the full logits, its states from ``output_hidden_states``
+    (the last one is after the final norm); batched and length-bucketed they agree."""
+    tokenizer = loaded_model.tokenizer
+    pairs = load_pairs(HH, skip_bad=True, max_pairs=6)
+    tok = tokenize_pairs(pairs, tokenizer, max_prompt_tokens=48, max_response_tokens=24)
+    prompts = list(tok.frame.prompt_ids) * 2
+    responses = list(tok.frame.chosen_ids) + list(tok.frame.rejected_ids)
+    got = response_features(loaded_model, prompts, responses, batch_size=4,
+                            max_batch_tokens=256)
+    model = loaded_model.model
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        ids = torch.as_tensor([list(p) + list(r)])
+        with torch.inference_mode():
+            out = model(input_ids=ids, output_hidden_states=True)
+        span = slice(len(p) - 1, len(p) - 1 + len(r))
+        logp = torch.log_softmax(out.logits[0, span].double(), -1)
+        want = float(logp.gather(-1, torch.as_tensor(r)[:, None]).sum())
+        states = out.hidden_states[-1][0, span].double().sum(0).numpy()
+        assert got["tokens"][i] == len(r)
+        assert abs(got["logp"][i] - want) < 1e-3 * max(1.0, abs(want)), (i, got["logp"][i], want)
+        np.testing.assert_allclose(got["sum"][i], states, rtol=1e-3, atol=1e-3 * len(r))

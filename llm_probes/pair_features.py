@@ -1,0 +1,103 @@
+"""Hidden states and log-probabilities of multi-token responses (issue 14's features).
+
+For a pair ``(x, y_w, y_l)`` (:mod:`llm_probes.pairs`, token ids) the model reads
+``x + y`` once per response. The hidden state that scores response token ``k`` (after
+the final norm: the vector ``lm_head`` multiplies) sits at the position before it, so a
+response of ``L`` tokens after a prompt of ``P`` has its ``L`` scoring states at
+positions ``P − 1 … P + L − 2``. Per response this module returns
+
+* ``sum``: ``Σ_k h_k`` ``(d,)``, the sum of its scoring states (the quantity CHES,
+  Razin et al. arXiv:2410.08847 Def. 2, is built from; the mean is ``sum / tokens``);
+* ``logp``: ``log π(y|x) = Σ_k log softmax(lm_head(h_k))[y_k]``;
+* ``tokens``: ``L``.
+
+Sequences are sorted by length and cut into batches of at most ``batch_size`` sequences
+and ``max_batch_tokens`` padded tokens, right-padded, so a batch carries little padding
+and the log-softmax runs only on response positions, a few hundred rows at a time (never
+a ``(B, T, V)`` logit tensor).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from synthetic.validation import check_integer
+
+__all__ = ["response_features", "length_batches"]
+
+_LOGIT_ROWS = 512
+"""Response positions per log-softmax (``512 × V`` floats at a time)."""
+
+
+def length_batches(lengths, batch_size: int, max_batch_tokens: int) -> list[np.ndarray]:
+    """Indices of sequences in batches by increasing length: at most ``batch_size``
+    sequences and ``max_batch_tokens`` padded tokens (``rows × longest``) each; a
+    sequence longer than the token budget is a batch alone."""
+    order = np.argsort(np.asarray(lengths), kind="stable")
+    batches, current, longest = [], [], 0
+    for index in order:
+        width = max(longest, int(lengths[index]))
+        if current and (len(current) == batch_size or (len(current) + 1) * width
+                        > max_batch_tokens):
+            batches.append(np.array(current))
+            current, width = [], int(lengths[index])
+        current.append(index)
+        longest = width
+    if current:
+        batches.append(np.array(current))
+    return batches
+
+
+def response_features(loaded, prompts, responses, *, batch_size: int = 16,
+                      max_batch_tokens: int = 8192, progress=None) -> dict[str, np.ndarray]:
+    """``sum`` ``(n, d)``, ``logp`` ``(n,)`` and ``tokens`` ``(n,)`` of each response
+    ``responses[i]`` (token ids) after ``prompts[i]`` (token ids; non-empty), in
+    float64. ``progress(k)`` is called with the sequences done after each batch."""
+    batch_size = check_integer("batch_size", batch_size, ge=1)
+    max_batch_tokens = check_integer("max_batch_tokens", max_batch_tokens, ge=2)
+    from llm_probes.model import _decoder
+
+    model, device = loaded.model, loaded.device
+    head = loaded.model.get_output_embeddings()
+    pad = loaded.tokenizer.pad_token_id or 0
+    n = len(prompts)
+    lengths = np.array([len(p) + len(r) for p, r in zip(prompts, responses)])
+    width = head.weight.shape[1]
+    sums, logps = np.zeros((n, width)), np.zeros(n)
+    tokens = np.array([len(r) for r in responses])
+    decoder = _decoder(model)
+    with torch.inference_mode():
+        for batch in length_batches(lengths, batch_size, max_batch_tokens):
+            longest = int(lengths[batch].max())
+            ids = torch.full((len(batch), longest), pad, dtype=torch.long)
+            mask = torch.zeros((len(batch), longest), dtype=torch.long)
+            rows, cols, targets, owner = [], [], [], []
+            for j, i in enumerate(batch):
+                seq = list(prompts[i]) + list(responses[i])
+                ids[j, :len(seq)] = torch.as_tensor(seq)
+                mask[j, :len(seq)] = 1
+                start = len(prompts[i])
+                span = np.arange(start - 1, start - 1 + len(responses[i]))
+                rows.append(np.full(len(span), j))
+                cols.append(span)
+                targets.append(responses[i])
+                owner.append(np.full(len(span), i))
+            hidden = decoder(input_ids=ids.to(device), attention_mask=mask.to(device),
+                             use_cache=False).last_hidden_state  # (B, T, d), after the norm
+            rows_t = torch.as_tensor(np.concatenate(rows), device=device)
+            cols_t = torch.as_tensor(np.concatenate(cols), device=device)
+            picked = hidden[rows_t, cols_t]  # (R, d): every response token's scoring state
+            target = torch.as_tensor(np.concatenate(targets), device=device)
+            who = np.concatenate(owner)
+            per_token = torch.empty(len(target), dtype=torch.float64)
+            for start in range(0, len(target), _LOGIT_ROWS):
+                part = slice(start, start + _LOGIT_ROWS)
+                logits = head(picked[part]).double()
+                per_token[part] = (torch.log_softmax(logits, -1).gather(
+                    -1, target[part, None])[:, 0]).cpu()
+            np.add.at(sums, who, picked.double().cpu().numpy())
+            np.add.at(logps, who, per_token.numpy())
+            if progress is not None:
+                progress(len(batch))
+    return {"sum": sums, "logp": logps, "tokens": tokens}
