@@ -40,6 +40,9 @@ PROBES: dict[str, str] = {
 }
 """Probe name → module defining ``add_arguments(parser)`` and ``run(ctx)``."""
 
+PAIR_PROBES = ("features",)
+"""The probes that also take ``--pairs`` (multi-token preference pairs, issue 14)."""
+
 PROBE_HELP: dict[str, str] = {
     "features": "g(x) per statement (cached), the lm_head check, per-behavior "
                 "distinguishability, concentration and trace",
@@ -70,10 +73,14 @@ class ProbeContext:
     progress: bool
     seed: int
     _model: "object | None" = field(default=None, repr=False)
+    pairs: "object | None" = None  # llm_probes.pairs.Pairs with --pairs (then no statements)
+    tokenized: "object | None" = None  # llm_probes.pairs.TokenizedPairs, set by check_model
 
     @property
     def behaviors(self) -> list[str]:
-        """The behaviors of the run, in the order given."""
+        """The behaviors of the run, in the order given (none with ``--pairs``)."""
+        if self.statements is None:
+            return []
         return list(dict.fromkeys(self.statements["behavior"]))
 
     @property
@@ -110,9 +117,9 @@ class _ProbeParser(argparse.ArgumentParser):
 
 def _common_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("common options of every probe")
-    group.add_argument("--behaviors", required=True, metavar="A,B,...",
+    group.add_argument("--behaviors", metavar="A,B,...",
                        help="comma-separated behavior names (file stems of the persona "
-                       "directory), or all")
+                       "directory), or all (required unless --pairs)")
     group.add_argument("--out", required=True, help="output directory")
     group.add_argument("--persona-dir", type=Path, metavar="DIR",
                        help="directory of persona .jsonl files (default: $PREFDYN_PERSONA_DIR)")
@@ -125,6 +132,20 @@ def _common_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=int, default=0,
                        help="seed of the train/test split and of any resampling (default: 0)")
     group.add_argument("--quiet", action="store_true", help="no progress bars or messages")
+    pairs = parser.add_argument_group("real preference pairs (instead of --behaviors; "
+                                      "probes: " + ", ".join(sorted(PAIR_PROBES)) + ")")
+    pairs.add_argument("--pairs", type=Path, metavar="PATH", help="pairwise preference data: "
+                       "HH-RLHF dialogues or prompt/chosen/rejected, one JSON object a line, "
+                       "gzip or plain (llm_probes.pairs)")
+    pairs.add_argument("--skip-bad", action="store_true", help="skip bad pairs and count "
+                       "them by reason instead of stopping at the first")
+    pairs.add_argument("--max-pairs", type=int, metavar="N", help="the first N good pairs")
+    pairs.add_argument("--max-prompt-tokens", type=int, default=256, metavar="N",
+                       help="prompt budget: a longer prompt keeps its last N tokens "
+                       "(default: 256)")
+    pairs.add_argument("--max-response-tokens", type=int, default=128, metavar="N",
+                       help="response budget: a longer response keeps its first N tokens "
+                       "(default: 128)")
 
 
 def add_probe_parser(subparsers) -> argparse.ArgumentParser:
@@ -165,6 +186,15 @@ def build_context(args: argparse.Namespace) -> ProbeContext:
     from llm_probes.persona import list_behaviors, load_statements, persona_dir
 
     args.out = check_out(args.out)  # before the statements and the model are loaded
+    if getattr(args, "pairs", None) is not None:
+        return _pairs_context(args)
+    for option in ("skip_bad", "max_pairs"):
+        if getattr(args, option, None):
+            raise ParameterError(f"--{option.replace('_', '-')}", getattr(args, option),
+                                 "applies only with --pairs")
+    if args.behaviors is None:
+        raise ParameterError("--behaviors", None, "is required (or --pairs PATH, for the "
+                             f"probes {', '.join(PAIR_PROBES)})")
     directory = persona_dir(args.persona_dir)
     behaviors = parse_behaviors(args.behaviors, list_behaviors(directory))
     if args.max_statements is not None:
@@ -174,6 +204,26 @@ def build_context(args: argparse.Namespace) -> ProbeContext:
                                  seed=args.seed)
     return ProbeContext(args=args, out=Path(args.out), statements=statements,
                         progress=not args.quiet, seed=args.seed)
+
+
+def _pairs_context(args: argparse.Namespace) -> ProbeContext:
+    """The context of ``--pairs``: the pairs loaded (bad lines named or skipped)."""
+    from llm_probes.pairs import load_pairs
+
+    if args.probe not in PAIR_PROBES:
+        raise ParameterError("--pairs", str(args.pairs), f"is not taken by the {args.probe} "
+                             f"probe yet (probes that take it: {', '.join(PAIR_PROBES)})")
+    if args.behaviors is not None:
+        raise ParameterError("--behaviors", args.behaviors, "cannot be given with --pairs "
+                             "(the pairs are the data)")
+    if args.max_pairs is not None:
+        check_integer("--max-pairs", args.max_pairs, ge=1)
+    check_integer("--max-prompt-tokens", args.max_prompt_tokens, ge=1)
+    check_integer("--max-response-tokens", args.max_response_tokens, ge=1)
+    check_integer("--seed", args.seed, ge=0)
+    pairs = load_pairs(args.pairs, skip_bad=args.skip_bad, max_pairs=args.max_pairs)
+    return ProbeContext(args=args, out=Path(args.out), statements=None,
+                        progress=not args.quiet, seed=args.seed, pairs=pairs)
 
 
 def _record(args: argparse.Namespace, ctx: ProbeContext, files: list[Path]) -> Path:
@@ -186,11 +236,15 @@ def _record(args: argparse.Namespace, ctx: ProbeContext, files: list[Path]) -> P
         "probe": args.probe,
         "options": options,
         "behaviors": ctx.behaviors,
-        "statements": int(len(ctx.statements)),
+        "statements": 0 if ctx.statements is None else int(len(ctx.statements)),
         "files": [str(p.name) for p in files],
         "environment": environment("cuda" if ctx._model is not None
                                    and ctx._model.device.type == "cuda" else "cpu"),
     }
+    if ctx.pairs is not None:
+        record["pairs"] = ctx.pairs.report()
+        if ctx.tokenized is not None:
+            record["tokens"] = ctx.tokenized.report()
     if ctx._model is not None:
         record["model"] = {"name": ctx._model.name, "fingerprint": ctx._model.fingerprint,
                            "device": str(ctx._model.device)}
@@ -206,7 +260,9 @@ def run_probe(args: argparse.Namespace) -> int:
     if hasattr(module, "check_model"):  # rules that need the model, still before any write
         module.check_model(ctx)
     ctx.out.mkdir(parents=True, exist_ok=True)
-    if ctx.progress:
+    if ctx.progress and ctx.pairs is not None:
+        print(f"probe {args.probe}: {ctx.pairs.report()} -> {ctx.out}", file=sys.stderr)
+    elif ctx.progress:
         print(f"probe {args.probe}: {len(ctx.statements)} statements of "
               f"{len(ctx.behaviors)} behaviors -> {ctx.out}", file=sys.stderr)
     files = list(module.run(ctx))

@@ -38,7 +38,7 @@ from synthetic.statistics import behavior_statistics
 from synthetic.validation import ParameterError, check_integer
 
 __all__ = ["extract_features", "statement_features", "probe_features", "check_lm_head",
-           "feature_key", "feature_statistics", "answer_rows", "add_arguments",
+           "feature_key", "feature_statistics", "answer_rows", "add_arguments", "check_model",
            "add_feature_arguments", "check", "run", "CHUNK_SIZE", "CACHE_VERSION"]
 
 CHUNK_SIZE = 256
@@ -352,6 +352,14 @@ def check(args) -> None:
     check_integer("--check-statements", args.check_statements, ge=1)
 
 
+def check_model(ctx) -> None:
+    """With ``--pairs``: tokenize them under the budgets before anything is written."""
+    if ctx.pairs is not None:
+        from llm_probes.pair_features import check_model as check_pairs
+
+        check_pairs(ctx)
+
+
 def probe_features(ctx) -> tuple[torch.Tensor, float]:
     """The features of a probe's statements (:func:`statement_features`, cached, with
     its ``--prompt-format`` and ``--batch-size``) and the seconds they took."""
@@ -368,6 +376,10 @@ def run(ctx) -> list[Path]:
     ``features_summary.json`` and the figure ``probe_features.png``/``.pdf``."""
     from figures.probe_features import plot
 
+    if ctx.pairs is not None:  # multi-token preference pairs (issue 14)
+        from llm_probes.pair_features import run_pairs
+
+        return run_pairs(ctx)
     args = ctx.args
     check(args)
     loaded = ctx.model

@@ -101,3 +101,100 @@ def response_features(loaded, prompts, responses, *, batch_size: int = 16,
             if progress is not None:
                 progress(len(batch))
     return {"sum": sums, "logp": logps, "tokens": tokens}
+
+
+# ---------------------------------------------------------------------- the probe
+
+
+def check_model(ctx) -> None:
+    """``--pairs``: tokenize under the budgets (a response cut to nothing is refused,
+    or skipped with ``--skip-bad``) before anything is written."""
+    from llm_probes.pairs import tokenize_pairs
+
+    args = ctx.args
+    ctx.tokenized = tokenize_pairs(ctx.pairs, ctx.model.tokenizer,
+                                   max_prompt_tokens=args.max_prompt_tokens,
+                                   max_response_tokens=args.max_response_tokens,
+                                   skip_bad=args.skip_bad)
+
+
+def pair_statistics(chosen: np.ndarray, rejected: np.ndarray) -> dict[str, float]:
+    """Distinguishability of the chosen against the rejected responses' mean features
+    ``(n, d)`` each: ``‖μ̂_w − μ̂_l‖`` and its debiased form (as for persona
+    statements, :func:`llm_probes.features.feature_statistics`), concentration and
+    trace (:func:`synthetic.statistics.behavior_statistics`)."""
+    from synthetic.statistics import behavior_statistics
+
+    n = len(chosen)
+    x = torch.as_tensor(np.concatenate([chosen, rejected]))
+    signs = np.r_[np.ones(n), -np.ones(n)]
+    stats = behavior_statistics(x, signs, np.zeros(2 * n, dtype=np.int64), ["pairs"])
+    row = stats.iloc[0]
+    noise = (chosen.var(0, ddof=1).sum() + rejected.var(0, ddof=1).sum()) / n if n > 1 else 0.0
+    return {"distinguishability": float(row["distinguishability"]),
+            "distinguishability_debiased": float(np.sqrt(max(0.0, row["distinguishability"] ** 2
+                                                             - noise))),
+            "concentration": float(row["concentration"]), "trace": float(row["trace"])}
+
+
+def run_pairs(ctx) -> list:
+    """``features --pairs``: every response token's scoring state and ``log π`` per
+    response; ``pair_features.parquet`` (one row per pair), ``pair_features.npz`` (the
+    summed states, for later probes), ``pair_features_summary.json`` and the figure."""
+    import json
+    import sys
+    import time
+
+    import pandas as pd
+
+    from dynamics.io import atomic_write, write_parquet
+    from figures.probe_pairs import plot
+
+    args = ctx.args
+    check_integer("--batch-size", args.batch_size, ge=1)
+    loaded, tok = ctx.model, ctx.tokenized
+    f = tok.frame
+    start = time.perf_counter()
+    prompts = list(f.prompt_ids)
+    every = response_features(loaded, prompts * 2, list(f.chosen_ids) + list(f.rejected_ids),
+                              batch_size=args.batch_size)
+    seconds = time.perf_counter() - start
+    n = len(f)
+    counts = every["tokens"].astype(np.float64)[:, None]
+    means = every["sum"] / counts
+    chosen, rejected = means[:n], means[n:]
+    norms = np.linalg.norm(chosen, axis=1) * np.linalg.norm(rejected, axis=1)
+    table = pd.DataFrame({
+        "line": f.line.to_numpy(), "prompt_tokens": f.prompt_ids.map(len).to_numpy(),
+        "chosen_tokens": every["tokens"][:n], "rejected_tokens": every["tokens"][n:],
+        "prompt_cut": f.prompt_cut.to_numpy(), "chosen_cut": f.chosen_cut.to_numpy(),
+        "rejected_cut": f.rejected_cut.to_numpy(),
+        "logp_chosen": every["logp"][:n], "logp_rejected": every["logp"][n:],
+        "mean_distance": np.linalg.norm(chosen - rejected, axis=1),
+        "mean_cosine": (chosen * rejected).sum(1) / np.where(norms > 0, norms, 1.0)})
+    table["logp_margin"] = table.logp_chosen - table.logp_rejected
+    summary = {"model": loaded.name, "fingerprint": loaded.fingerprint,
+               "pairs": ctx.pairs.report(), "tokens": tok.report(), "dim": int(means.shape[1]),
+               "reference_accuracy": float((table.logp_margin > 0).mean()),
+               **pair_statistics(chosen, rejected), "extract_seconds": seconds,
+               "note": "states after the final norm at the positions that score each response "
+                       "token; prompts are the dialogue text as written (no chat template)"}
+    out = ctx.out
+    files = [write_parquet(out / "pair_features.parquet", table),
+             atomic_write(out / "pair_features.npz", lambda p: _save_npz(
+                 p, chosen_sum=every["sum"][:n], rejected_sum=every["sum"][n:],
+                 chosen_tokens=every["tokens"][:n], rejected_tokens=every["tokens"][n:],
+                 line=f.line.to_numpy())),
+             atomic_write(out / "pair_features_summary.json",
+                          lambda p: p.write_text(json.dumps(summary, indent=2) + "\n"))]
+    files += plot(table, summary, out / "probe_pair_features")
+    if ctx.progress:
+        print(f"features: {n} pairs in {seconds:.1f} s; {tok.report()}; chosen vs rejected "
+              f"distinguishability {summary['distinguishability']:.3f}", file=sys.stderr)
+    return files
+
+
+def _save_npz(path, **arrays) -> None:
+    """``np.savez`` to exactly ``path`` (given a name, NumPy would append ``.npz``)."""
+    with open(path, "wb") as handle:
+        np.savez(handle, **arrays)

@@ -113,6 +113,13 @@ def _pair(record) -> tuple[str, str, str, str]:
     return prompt, chosen, rejected, form
 
 
+def _at(path, line: int, rule: str) -> ParameterError:
+    """A bad line: ``pairs = NAME:LINE must RULE (line LINE of PATH)`` (the value is kept
+    short, so the whole path goes in the rule, which is never cut)."""
+    path = Path(path)
+    return ParameterError("pairs", f"{path.name}:{line}", f"{rule} (line {line} of {path})")
+
+
 def _lines(path: Path):
     """The file's lines as text (gzip or plain), or a ParameterError on ``pairs``."""
     try:
@@ -128,10 +135,9 @@ def _lines(path: Path):
             for number, line in enumerate(handle, 1):
                 yield number, line
         except UnicodeDecodeError:
-            raise ParameterError("pairs", f"{path}:{number + 1}", "must be UTF-8 text") from None
+            raise _at(path, number + 1, "must be UTF-8 text") from None
         except (OSError, EOFError) as err:  # a truncated or corrupt gzip stream
-            raise ParameterError("pairs", f"{path}:{number + 1}",
-                                 f"must be a whole gzip file ({err})") from None
+            raise _at(path, number + 1, f"must be a whole gzip file ({err})") from None
 
 
 def load_pairs(path: str | Path, *, skip_bad: bool = False,
@@ -154,8 +160,7 @@ def load_pairs(path: str | Path, *, skip_bad: bool = False,
             prompt, chosen, rejected, form = _pair(record)
         except _BadPair as bad:
             if not skip_bad:
-                raise ParameterError("pairs", f"{path}:{number}",
-                                     bad.rule + " (or --skip-bad)") from None
+                raise _at(path, number, bad.rule + " (or --skip-bad)") from None
             skipped[bad.reason] += 1
             continue
         rows.append((number, prompt, chosen, rejected, form))
@@ -214,9 +219,9 @@ def tokenize_pairs(pairs: Pairs, tokenizer, *, max_prompt_tokens: int = 256,
                  if not tokens[:max_response_tokens]]
         if empty:
             if not skip_bad:
-                raise ParameterError("pairs", f"{pairs.source}:{row.line}", f"must keep a "
-                                     f"non-empty {empty[0]} response under the budget of "
-                                     f"{max_response_tokens} response tokens (or --skip-bad)")
+                raise _at(pairs.source, row.line, f"must keep a non-empty {empty[0]} response "
+                          f"under the budget of {max_response_tokens} response tokens (or "
+                          "--skip-bad)")
             skipped["response cut to nothing"] += 1
             continue
         rows.append({**row._asdict(),

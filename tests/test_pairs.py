@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -62,7 +63,8 @@ def test_a_bad_pair_stops_the_load_naming_file_and_line():
     with pytest.raises(ParameterError) as err:
         load_pairs(HH)
     first = min(differ + naive_hh()[2])
-    assert err.value.name == "pairs" and err.value.value == f"{HH}:{first}"
+    assert err.value.name == "pairs" and err.value.value == f"{HH.name}:{first}"
+    assert f"(line {first} of {HH})" in str(err.value)
     assert "(or --skip-bad)" in str(err.value)
 
 
@@ -109,7 +111,8 @@ def test_each_bad_line_names_file_line_and_rule_or_is_skipped(tmp_path, line, ru
     path = write(tmp_path / "p.jsonl", GOOD + [line])
     with pytest.raises(ParameterError) as err:
         load_pairs(path)
-    assert err.value.value == f"{path}:3" and rule in str(err.value), str(err.value)
+    assert err.value.value == "p.jsonl:3" and rule in str(err.value), str(err.value)
+    assert f"(line 3 of {path})" in str(err.value)
     kept = load_pairs(path, skip_bad=True)
     assert len(kept) == 2 and sum(kept.skipped.values()) == 1
 
@@ -158,7 +161,8 @@ def test_a_response_the_budget_cuts_to_nothing_is_a_bad_pair(tmp_path):
     pairs = load_pairs(write(tmp_path / "p.jsonl", GOOD))
     with pytest.raises(ParameterError) as err:
         tokenize_pairs(pairs, Words(), max_response_tokens=0)
-    assert err.value.value == f"{tmp_path / 'p.jsonl'}:1"
+    assert err.value.value == "p.jsonl:1" and f"(line 1 of {tmp_path / 'p.jsonl'})" in str(
+        err.value)
     assert "must keep a non-empty chosen response under the budget of 0" in str(err.value)
     with pytest.raises(ParameterError, match="must keep at least one pair"):
         tokenize_pairs(pairs, Words(), max_response_tokens=0, skip_bad=True)
@@ -232,3 +236,69 @@ def test_response_features_equal_one_unbatched_forward_per_response(loaded_model
         assert got["tokens"][i] == len(r)
         assert abs(got["logp"][i] - want) < 1e-3 * max(1.0, abs(want)), (i, got["logp"][i], want)
         np.testing.assert_allclose(got["sum"][i], states, rtol=1e-3, atol=1e-3 * len(r))
+
+
+# ------------------------------------------------------------- prefdyn probe features --pairs
+
+from llm_probes.cli import main as probe_main  # noqa: E402
+
+
+def one_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("prefdyn: error: "), err
+    return err[0]
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (["--behaviors", "agreeableness"], "--behaviors = 'agreeableness' cannot be given with "
+     "--pairs"),
+    (["--max-pairs", "0"], "--max-pairs = 0 must be >= 1"),
+    (["--max-response-tokens", "0"], "--max-response-tokens = 0 must be >= 1"),
+])
+def test_pairs_options_are_checked_before_anything_is_written(tmp_path, capsys, extra,
+                                                               fragment):
+    data = write(tmp_path / "p.jsonl", GOOD)
+    out = tmp_path / "out"
+    assert probe_main(["features", "--pairs", str(data), "--out", str(out), *extra]) == 2
+    assert fragment in one_line(capsys) and not out.exists()
+
+
+def test_pairs_refusals_name_the_option(tmp_path, capsys):
+    data = write(tmp_path / "p.jsonl", GOOD + ["{oops"])
+    out = tmp_path / "out"
+    assert probe_main(["features", "--pairs", str(data), "--out", str(out)]) == 2
+    line = one_line(capsys)
+    assert "pairs = 'p.jsonl:3' must be valid JSON" in line and not out.exists()
+    assert f"(line 3 of {data})" in line
+    assert probe_main(["last-layer", "--pairs", str(data), "--out", str(out)]) == 2
+    assert "is not taken by the last-layer probe yet" in one_line(capsys)
+    assert probe_main(["features", "--out", str(out)]) == 2
+    assert "--behaviors = None is required (or --pairs PATH" in one_line(capsys)
+    assert probe_main(["features", "--behaviors", "x", "--skip-bad", "--out", str(out)]) == 2
+    assert "--skip-bad = True applies only with --pairs" in one_line(capsys)
+    assert not out.exists()
+
+
+@needs_hh
+@pytest.mark.llm
+def test_features_on_pairs_writes_tables_that_agree_with_their_arrays(tmp_path,
+                                                                     loaded_model):  # noqa: F811
+    out = tmp_path / "out"
+    assert probe_main(["features", "--pairs", str(HH), "--skip-bad", "--max-pairs", "6",
+                       "--max-prompt-tokens", "40", "--max-response-tokens", "12",
+                       "--device", "cpu", "--out", str(out), "--quiet"]) == 0
+    table = pd.read_parquet(out / "pair_features.parquet")
+    arrays = np.load(out / "pair_features.npz")
+    summary = json.loads((out / "pair_features_summary.json").read_text())
+    chosen = arrays["chosen_sum"] / arrays["chosen_tokens"][:, None]
+    rejected = arrays["rejected_sum"] / arrays["rejected_tokens"][:, None]
+    np.testing.assert_allclose(table.mean_distance, np.linalg.norm(chosen - rejected, axis=1),
+                               rtol=1e-12)
+    np.testing.assert_allclose(table.logp_margin, table.logp_chosen - table.logp_rejected)
+    assert summary["reference_accuracy"] == pytest.approx(float((table.logp_margin > 0).mean()))
+    want = np.linalg.norm(chosen.mean(0) - rejected.mean(0))
+    assert summary["distinguishability"] == pytest.approx(want, rel=1e-10)
+    assert len(table) == 6 and table.chosen_tokens.max() <= 12
+    assert (out / "probe_pair_features.png").exists()
+    record = json.loads((out / "probe_features.json").read_text())
+    assert record["pairs"].startswith("6 pairs") and "budgets 40 prompt" in record["tokens"]
