@@ -35,6 +35,9 @@ descent diverges above ``lr = 4/(β² λ_max(E[g gᵀ]))`` (THEORY §5): the pro
 such a step. ``--center`` subtracts each behavior's mean train feature (no labels
 used; μ⁺ − μ⁻ and Σ± are unchanged) and allows far larger steps; the reference
 logits are then those of the centred features. The table says which was used.
+``--lr auto`` takes ``--lr-fraction`` (default :data:`AUTO_FRACTION`) of the smallest
+limit measured on the groups trained (each behavior, and all together with
+``--together``), so a new model runs without trial and error (:func:`choose_lr`).
 
 **Learning speed** of a behavior (one number per behavior, measured): the loss
 drop ``L(0) − L(T)`` at the last step (primary), and also the initial slope
@@ -71,7 +74,8 @@ from synthetic.sampling import PreferenceSample
 from synthetic.statistics import fit_gaussian
 from synthetic.validation import ParameterError, check_integer, check_number
 
-__all__ = ["train", "predict", "RowRanking", "reference_rows", "stability_limit", "curves_frame",
+__all__ = ["train", "predict", "RowRanking", "reference_rows", "stability_limit",
+           "stability_limits", "choose_lr", "parse_lr", "AUTO_FRACTION", "curves_frame",
            "speed_table", "spearman_ci", "rank_correlations", "priority_table",
            "add_arguments", "check", "run", "SPEEDS", "PRIMARY_SPEED", "LOGITS_BUDGET"]
 
@@ -86,6 +90,10 @@ SPEEDS = {
 }
 """Definitions of a behavior's learning speed; ρ is reported for each."""
 PRIMARY_SPEED = "loss_drop"
+AUTO_FRACTION = 0.5
+"""``--lr auto``'s default fraction of the smallest measured stability limit: half the
+limit, where the step's factor ``1 − lr·(β²/2)λ_max`` along the top direction at
+``Δ = 0`` is 0 (no oscillation there), a factor 2 below divergence."""
 SOURCES = ["theory", "measured"]
 
 
@@ -145,6 +153,56 @@ def stability_limit(features: torch.Tensor, beta: float) -> float:
     x = features.double()
     lam = float(torch.linalg.eigvalsh(x.T @ x / x.shape[0])[-1])
     return 4.0 / (beta**2 * lam)
+
+
+def stability_limits(features: torch.Tensor, behavior, train, names, *, beta: float,
+                     together: bool = False) -> dict[str, float]:
+    """:func:`stability_limit` of each group a run trains: each behavior's train
+    features and, with ``together``, all train features (key ``"(together)"``).
+
+    features (n, d); behavior (n,) int indices into ``names``; train (n,) bool.
+    """
+    behavior, train = np.asarray(behavior), np.asarray(train, dtype=bool)
+    limits = {name: stability_limit(features[torch.as_tensor(train & (behavior == i))], beta)
+              for i, name in enumerate(names)}
+    if together:
+        limits["(together)"] = stability_limit(features[torch.as_tensor(train)], beta)
+    return limits
+
+
+def parse_lr(name: str, value) -> float | str:
+    """``value`` of a step-size option: ``"auto"``, or a finite number > 0 (a number or
+    its text, as the command line gives it); else a one-line :class:`ParameterError`."""
+    if isinstance(value, str):
+        if value.strip().lower() == "auto":
+            return "auto"
+        try:
+            value = float(value)
+        except ValueError:
+            raise ParameterError(name, value, "must be a number > 0 or auto") from None
+    try:
+        return check_number(name, value, gt=0)
+    except ParameterError as err:
+        raise ParameterError(name, err.value, f"{err.rule}, or be auto") from None
+
+
+def choose_lr(lr: float | str, limits: dict[str, float], *, fraction: float = AUTO_FRACTION,
+              name: str = "--lr", hint: str = "lower --lr") -> float:
+    """The step size of a run whose groups have the stability ``limits`` (group → lr).
+
+    ``lr = "auto"``: ``fraction × min(limits)`` (``0 < fraction < 1``). A number is
+    kept if it is below every limit, else refused naming the smallest (gradient
+    descent diverges above it), with ``hint`` and ``--lr auto`` suggested.
+    """
+    worst = min(limits, key=limits.get)
+    if lr == "auto":
+        return check_number("--lr-fraction", fraction, gt=0, lt=1) * limits[worst]
+    if lr >= limits[worst]:
+        raise ParameterError(name, lr, f"must be < 4/(β² λ_max(E[g gᵀ])) = "
+                             f"{limits[worst]:.3g} on {worst!r} (gradient descent diverges "
+                             f"above it); {hint}, or use --lr auto "
+                             f"({AUTO_FRACTION:g} of the limit)")
+    return float(lr)
 
 
 def train(features: torch.Tensor, signs, behavior, names, *, reference: np.ndarray,
@@ -297,9 +355,13 @@ def add_arguments(parser) -> None:
     add_feature_arguments(parser)
     group = parser.add_argument_group("last-layer DPO")
     group.add_argument("--beta", type=float, default=1.0, help="DPO β (default: 1)")
-    group.add_argument("--lr", type=float, default=1e-3,
-                       help="gradient-descent step on W (default: 1e-3, stable on raw "
-                       "features; the probe refuses lr >= 4/(β² λ_max))")
+    group.add_argument("--lr", default=1e-3, metavar="LR|auto",
+                       help="gradient-descent step on W (default: 1e-3, stable on "
+                       "SmolLM2's raw features; the probe refuses lr >= 4/(β² λ_max)); "
+                       "auto: --lr-fraction of the smallest measured limit")
+    group.add_argument("--lr-fraction", type=float, metavar="F",
+                       help=f"with --lr auto, the step as a fraction 0 < F < 1 of "
+                       f"4/(β² λ_max) (default: {AUTO_FRACTION:g})")
     group.add_argument("--steps", type=int, default=2000,
                        help="steps (default: 2000, i.e. t = 2 at the default lr)")
     group.add_argument("--eval-every", type=int, default=20,
@@ -319,7 +381,12 @@ def add_arguments(parser) -> None:
 def check(args) -> None:
     """Validate the probe's options (one-line ParameterError naming the option)."""
     check_number("--beta", args.beta, gt=0)
-    check_number("--lr", args.lr, gt=0)
+    args.lr = parse_lr("--lr", args.lr)
+    if args.lr_fraction is not None:
+        check_number("--lr-fraction", args.lr_fraction, gt=0, lt=1)
+        if args.lr != "auto":
+            raise ParameterError("--lr-fraction", args.lr_fraction,
+                                 f"applies only with --lr auto, not --lr {args.lr:g}")
     check_integer("--steps", args.steps, ge=1)
     check_integer("--eval-every", args.eval_every, ge=1, le=args.steps)
     check_integer("--theory-vocab", args.theory_vocab, ge=0)
@@ -370,19 +437,17 @@ def run(ctx) -> list[Path]:
         if (group > 0).sum() < 2 or (group < 0).sum() < 2:
             raise ParameterError("--behaviors", name, "needs >= 2 train statements of each "
                                  "answer to fit a Gaussian; raise --max-statements")
-    limits = {name: stability_limit(x[torch.as_tensor(train_mask & (codes == i))], args.beta)
-              for i, name in enumerate(names)}
+    limits = stability_limits(x, codes, train_mask, names, beta=args.beta,
+                              together=args.together)
+    fraction = AUTO_FRACTION if args.lr_fraction is None else args.lr_fraction
+    lr = choose_lr(args.lr, limits, fraction=fraction, hint="lower --lr" if args.center
+                   else "lower --lr, --center the features")
     worst = min(limits, key=limits.get)
-    if args.together:
-        limits["(together)"] = stability_limit(x[torch.as_tensor(train_mask)], args.beta)
-        worst = min(limits, key=limits.get)
-    if args.lr >= limits[worst]:
-        hint = "lower --lr" if args.center else "lower --lr, or --center the features"
-        raise ParameterError("--lr", args.lr, f"must be < 4/(β² λ_max(E[g gᵀ])) = "
-                             f"{limits[worst]:.3g} on {worst!r} (gradient descent diverges "
-                             f"above it); {hint}")
+    step_size = dict(lr_rule="auto" if args.lr == "auto" else "given",
+                     lr_fraction_of_limit=lr / limits[worst],
+                     stability_limit_min=limits[worst], stability_limit_on=worst)
     feature_kind = "centered" if args.center else "raw"
-    settings = dict(beta=args.beta, lr=args.lr, steps=args.steps, eval_every=args.eval_every)
+    settings = dict(beta=args.beta, lr=lr, steps=args.steps, eval_every=args.eval_every)
 
     curves, rows = [], []
     bar = _bar(len(names), ctx.progress)
@@ -480,7 +545,7 @@ def run(ctx) -> list[Path]:
     if priority is not None:
         files.append(write_parquet(out / "last_layer_priority.parquet", priority))
     record = dict(model=loaded.name, fingerprint=loaded.fingerprint, features=feature_kind,
-                  prompt_format=args.prompt_format, **settings, seed=ctx.seed,
+                  prompt_format=args.prompt_format, **settings, **step_size, seed=ctx.seed,
                   behaviors=names, stability_limit_lr=limits, speeds=SPEEDS,
                   primary_speed=PRIMARY_SPEED,
                   correlations=json.loads(summary.to_json(orient="records")),
@@ -494,12 +559,25 @@ def run(ctx) -> list[Path]:
         files += plot_together(curves, priority, out / "probe_last_layer_together")
     if ctx.progress:
         primary = summary[summary["primary"]].iloc[0]
+        print(f"last-layer: {_lr_text(args.lr, lr, step_size)}", file=sys.stderr)
         print(f"last-layer: {len(names)} behaviors; Spearman ρ(distinguishability, "
               f"{PRIMARY_SPEED}) = {primary['rho']:.3f} [{primary['ci_low']:.3f}, "
               f"{primary['ci_high']:.3f}]; max |theory − measured| loss = "
               f"{speeds['max_gap'].max():.2e}; {time.perf_counter() - start:.1f} s",
               file=sys.stderr)
     return files
+
+
+def _lr_text(given, lr: float, step_size: dict) -> str:
+    """``lr = auto: 0.5 × 4/(β² λ_max) = 0.5 × 0.00133 = 0.000667 (on 'x')``, or the
+    given step as a fraction of the smallest limit."""
+    limit, on = step_size["stability_limit_min"], step_size["stability_limit_on"]
+    if given == "auto":
+        fraction = lr / limit
+        return (f"lr = auto: {fraction:.3g} × 4/(β² λ_max) = {fraction:.3g} × {limit:.3g} = "
+                f"{lr:.3g} (smallest limit, on {on!r})")
+    return (f"lr = {lr:.3g}: {step_size['lr_fraction_of_limit']:.3g} × 4/(β² λ_max), whose "
+            f"smallest value is {limit:.3g} (on {on!r})")
 
 
 def _bar(total: int, enabled: bool):

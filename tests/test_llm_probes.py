@@ -74,6 +74,74 @@ def test_reference_rows_keep_yes_no_first_and_report_the_left_out_mass():
     assert_close(missing, 1 - probs[:, rows].sum(1), CLOSED_FORM)
 
 
+def _naive_limit(x: np.ndarray, beta: float) -> float:
+    """4/(β² λ_max) of the second-moment matrix, by numpy (the reference)."""
+    return 4.0 / (beta**2 * np.linalg.eigvalsh(x.T @ x / len(x))[-1])
+
+
+@pytest.mark.parametrize("beta, fraction", [(1.0, 0.5), (0.5, 0.9), (2.0, 0.1)])
+def test_auto_lr_is_the_fraction_of_the_smallest_stability_limit(beta, fraction):
+    from llm_probes.last_layer import choose_lr, stability_limits
+
+    rng = np.random.default_rng(3)
+    n, d = 40, 6  # two behaviors of 20; raw-feature-like: a large shared mean
+    x = rng.normal(size=(n, d)) + 5.0
+    x[20:] *= 1.5  # the second behavior's limit is the smaller
+    behavior = np.repeat([0, 1], 20)
+    train = rng.random(n) < 0.8
+    limits = stability_limits(torch.from_numpy(x), behavior, train, ["a", "b"], beta=beta,
+                              together=True)
+    expected = {"a": _naive_limit(x[train & (behavior == 0)], beta),
+                "b": _naive_limit(x[train & (behavior == 1)], beta),
+                "(together)": _naive_limit(x[train], beta)}
+    assert limits.keys() == expected.keys()
+    for key, value in expected.items():
+        assert_close(limits[key], value, CLOSED_FORM, scale=value, err_msg=key)
+    lr = choose_lr("auto", limits, fraction=fraction)
+    assert_close(lr, fraction * min(expected.values()), CLOSED_FORM, scale=lr)
+    assert min(limits, key=limits.get) == "b"
+    below = 0.99 * limits["b"]
+    assert choose_lr(below, limits) == below  # a given lr below every limit is kept
+
+
+def test_a_given_lr_at_or_above_the_limit_is_refused_with_the_auto_hint():
+    from llm_probes.last_layer import choose_lr
+    from synthetic.validation import ParameterError
+
+    limits = {"a": 2e-3, "b": 1e-3}
+    for lr in (1e-3, 1.5e-3, 1.0):
+        with pytest.raises(ParameterError) as info:
+            choose_lr(lr, limits, hint="lower --lr")
+        message = str(info.value)
+        assert message.startswith("--lr = ") and "\n" not in message
+        assert "0.001 on 'b'" in message and "lower --lr, or use --lr auto" in message
+    with pytest.raises(ParameterError, match="--lr-fraction = 1.0 must be < 1"):
+        choose_lr("auto", limits, fraction=1.0)
+
+
+@pytest.mark.parametrize("value, parsed", [("auto", "auto"), (" Auto", "auto"),
+                                           ("1e-3", 1e-3), (0.01, 0.01), (2, 2.0)])
+def test_parse_lr_accepts_auto_and_positive_numbers(value, parsed):
+    from llm_probes.last_layer import parse_lr
+
+    assert parse_lr("--lr", value) == parsed
+
+
+@pytest.mark.parametrize("value, rule", [("fast", "must be a number > 0 or auto"),
+                                         ("0", "must be > 0, or be auto"),
+                                         ("-1e-3", "must be > 0, or be auto"),
+                                         ("nan", "must be finite, or be auto"),
+                                         ("inf", "must be finite, or be auto"),
+                                         (True, "must be a number, or be auto")])
+def test_parse_lr_refuses_anything_else_in_one_line(value, rule):
+    from llm_probes.last_layer import parse_lr
+    from synthetic.validation import ParameterError
+
+    with pytest.raises(ParameterError) as info:
+        parse_lr("--lr", value)
+    assert str(info.value).startswith("--lr = ") and str(info.value).endswith(rule)
+
+
 def test_building_the_prefdyn_parser_imports_no_probe_module(monkeypatch):
     import importlib
 
@@ -118,6 +186,10 @@ def test_cli_bad_input_is_one_line_and_exit_2(persona_root, tmp_path, capsys):  
     ("misalignment", "--align-steps", "0", ">= 1"),
     ("displacement", "--top-k", "0", ">= 1"),
     ("last-layer", "--beta", "0", "> 0"),
+    ("last-layer", "--lr", "fast", "must be a number > 0 or auto"),
+    ("last-layer", "--lr", "-1", "> 0, or be auto"),
+    ("last-layer", "--lr-fraction", "1", "must be < 1"),
+    ("last-layer", "--lr-fraction", "0", "must be > 0"),
     ("features", "--max-statements", "2", ">= 4"),
 ])
 def test_cli_bad_probe_option(persona_root, tmp_path, capsys, probe, option, value,  # noqa: F811
@@ -130,6 +202,19 @@ def test_cli_bad_probe_option(persona_root, tmp_path, capsys, probe, option, val
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"prefdyn: error: {option}") and "\n" not in err
     assert value in err and rule in err
+    assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.cli
+def test_cli_lr_fraction_with_a_given_lr_is_refused(persona_root, tmp_path,  # noqa: F811
+                                                    capsys):
+    out = tmp_path / "out"
+    assert _prefdyn("probe", "last-layer", "--behaviors", "agreeableness", "--out", out,
+                    "--persona-dir", persona_root, "--lr", "1e-3", "--lr-fraction",
+                    "0.3") == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("prefdyn: error: --lr-fraction = 0.3 applies only with --lr auto, "
+                   "not --lr 0.001")
     assert not out.exists() or not any(out.iterdir())
 
 
@@ -323,3 +408,55 @@ def test_cli_features_and_last_layer_end_to_end(loaded_model, persona_root,  # n
 
     # a step above the stability limit of raw features is refused, in one line
     assert _prefdyn("probe", "last-layer", "--out", out, "--lr", 1.0, *common) == 2
+
+
+@pytest.mark.llm
+@pytest.mark.cli
+def test_cli_last_layer_lr_auto_trains_below_the_limit(loaded_model, persona_root,  # noqa: F811
+                                                       llm_cache_dir, features,  # noqa: F811
+                                                       train_data, tmp_path, monkeypatch,
+                                                       capsys):
+    """``--lr auto``: the step is 0.5 of the smallest measured limit, recorded and
+    printed, and full-batch descent at it lowers every behavior's loss at every step;
+    a given step just above that limit is still refused, suggesting ``--lr auto``."""
+    import json
+
+    import llm_probes.model as api
+
+    monkeypatch.setenv("PREFDYN_CACHE", str(llm_cache_dir))  # the features cached above
+    monkeypatch.setattr(api, "load_model", lambda *a, **k: loaded_model)
+    common = ["--behaviors", ",".join(BEHAVIORS), "--max-statements", STATEMENTS,
+              "--persona-dir", persona_root, "--bootstrap", 20]
+    out = tmp_path / "auto"
+    assert _prefdyn("probe", "last-layer", "--out", out, "--lr", "auto", "--steps", 20,
+                    "--eval-every", 5, "--together", *common) == 0
+    err = capsys.readouterr().err
+    assert "lr = auto: 0.5 × 4/(β² λ_max) = 0.5 × " in err
+    record = json.loads((out / "last_layer_summary.json").read_text())
+    limits = record["stability_limit_lr"]
+    assert set(limits) == {*BEHAVIORS, "(together)"}
+    x, _, _ = train_data  # the first behavior's raw train features, by numpy
+    assert_close(limits[BEHAVIORS[0]], _naive_limit(x.numpy(), 1.0), CLOSED_FORM,
+                 scale=limits[BEHAVIORS[0]])
+    smallest = min(limits.values())
+    assert record["lr_rule"] == "auto" and record["stability_limit_min"] == smallest
+    assert_close(record["lr"], 0.5 * smallest, CLOSED_FORM, scale=smallest)
+    assert record["lr"] < smallest
+    options = json.loads((out / "probe_last_layer.json").read_text())["options"]
+    assert options["lr"] == "auto" and options["lr_fraction"] is None
+    summary = pd.read_parquet(out / "last_layer_summary.parquet")
+    assert (summary["lr"] == record["lr"]).all()
+    curves = pd.read_parquet(out / "last_layer.parquet")
+    separate = curves[(curves["source"] == "measured") & (curves["mode"] == "separate")]
+    for behavior, curve in separate.groupby("behavior", observed=True):
+        loss = curve.sort_values("step")["loss"].to_numpy()
+        assert (np.diff(loss) < 0).all() and loss[-1] < math.log(2), behavior
+    print(f"lr auto = {record['lr']:.4g}; limits {limits}")
+
+    refused = tmp_path / "refused"
+    assert _prefdyn("probe", "last-layer", "--out", refused, "--lr", 1.01 * smallest,
+                    "--steps", 20, "--together", *common, "--quiet") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("prefdyn: error: --lr = ") and "\n" not in err
+    assert "or use --lr auto" in err and f"{smallest:.3g}" in err
+    assert not any(refused.iterdir())  # nothing written
