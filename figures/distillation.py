@@ -35,10 +35,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 from dynamics.config import build_problem
 from dynamics.model import NO, YES, reference_weights
+from figures.tables import combine, interval  # noqa: F401 (re-exported)
 from figures.style import FORMATS, THEORY_STYLE, palette, plt, ramp, save, theme
 
 __all__ = ["combine", "kind", "constant_feature", "prompt_shift", "interval", "gap_curves",
@@ -48,19 +48,6 @@ FILENAME = "fig12_distillation"
 GAP = "loss"
 HELDOUT_GAP = "heldout/loss"
 MARGINS = "rewards/margins"
-
-
-def combine(sweeps) -> tuple[pd.DataFrame, dict]:
-    """The sweeps' tidy tables in one and their configs, each point's id prefixed with
-    its sweep's directory name (``constant/3f2a…``): the two steps sweeps grid the same
-    key over the same values, so their bare point ids coincide."""
-    frames, configs = [], {}
-    for sweep in sweeps:
-        name = Path(sweep.path).name
-        frame = sweep.frame()
-        frames.append(frame.assign(point=name + "/" + frame["point"].astype(str)))
-        configs.update({f"{name}/{pid}": c for pid, c in sweep.configs().items()})
-    return pd.concat(frames, ignore_index=True), configs
 
 
 def kind(sweep) -> str:
@@ -90,17 +77,6 @@ def prompt_shift(config: dict) -> float:
                            given=model.get("reference"))
     shift = np.asarray(w0, dtype=np.float64) @ np.asarray(model["prompt_offset"], np.float64)
     return float(shift[YES] - shift[NO])
-
-
-def interval(values) -> tuple[float, float, float]:
-    """``(mean, sd, half-width)`` of the seeds' values: the 95% t interval of the mean
-    (sd and half-width NaN for one value)."""
-    values = np.asarray(values, dtype=np.float64)
-    mean = float(values.mean())
-    if len(values) < 2:
-        return mean, np.nan, np.nan
-    sd = float(values.std(ddof=1))
-    return mean, sd, float(stats.t.ppf(0.975, len(values) - 1) * sd / np.sqrt(len(values)))
 
 
 def _weights(config: dict) -> dict:
