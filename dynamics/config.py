@@ -801,19 +801,18 @@ def config_reference() -> str:
                     for hkey, hspec in obj.hyper.items():
                         lines.append(f"| `train.objective.{hkey}` ({obj.name}) | "
                                      f"`{_toml(hspec.default)}` | {hspec.doc}; {hspec.rule()} |")
-            if key == "behaviors":
-                for bkey, bspec in BEHAVIOR_KEYS.items():
-                    row(f"problem.behaviors[].{bkey}", bspec)
-            if key == "phases":
-                for pkey, pspec in PHASE_KEYS.items():
-                    row(f"train.phases[].{pkey}", pspec)
-            if key == "principles":
-                for pkey, pspec in PRINCIPLE_KEYS.items():
-                    row(f"problem.principles.{pkey}", pspec)
-            if key == "components":
-                for ckey, cspec in COMPONENT_KEYS.items():
-                    row(f"pretrain.components[].{ckey}", cspec)
+            if key in _NESTED:
+                prefix, nested = _NESTED[key]
+                for nkey, nspec in nested.items():
+                    row(f"{prefix}.{nkey}", nspec)
     return "\n".join(lines)
+
+
+_NESTED = {"behaviors": ("problem.behaviors[]", BEHAVIOR_KEYS),
+           "phases": ("train.phases[]", PHASE_KEYS),
+           "principles": ("problem.principles", PRINCIPLE_KEYS),
+           "components": ("pretrain.components[]", COMPONENT_KEYS)}
+"""A key whose value is a table (or array of tables) → its rows' prefix and keys."""
 
 
 def phases_of(config: dict) -> list:

@@ -30,13 +30,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from synthetic.validation import ParameterError, check_integer
 
 __all__ = ["ASSISTANT", "Pairs", "TokenizedPairs", "load_pairs", "split_dialogue",
-           "token_lengths", "tokenize_pairs"]
+           "tokenize_pairs"]
 
 ASSISTANT = "\n\nAssistant:"
 """The marker of an assistant turn in the HH-RLHF format."""
@@ -236,10 +235,3 @@ def tokenize_pairs(pairs: Pairs, tokenizer, *, max_prompt_tokens: int = 256,
                              "token budgets")
     frame = pd.DataFrame(rows)
     return TokenizedPairs(frame, dict(skipped), max_prompt_tokens, max_response_tokens)
-
-
-def token_lengths(tokenized: TokenizedPairs) -> dict[str, np.ndarray]:
-    """Lengths of the kept prompts and responses (for length-bucketed batches)."""
-    f = tokenized.frame
-    return {name: f[f"{name}_ids"].map(len).to_numpy()
-            for name in ("prompt", "chosen", "rejected")}
