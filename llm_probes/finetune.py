@@ -122,7 +122,8 @@ def config_from_args(args, seed: int, *, steps: int | None = None) -> TrainConfi
 
 def policy_from_args(loaded, args, *, copy_model: bool):
     """:func:`prepare_policy` with the CLI's method and LoRA options."""
-    return prepare_policy(loaded, args.method, copy_model=copy_model, **lora_options(args))
+    return prepare_policy(loaded, args.method, copy_model=copy_model, seed=args.seed,
+                          **lora_options(args))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -66,15 +66,16 @@ def _check_untied(model) -> None:
 
 
 def prepare_policy(loaded, method: str, *, lora_rank: int = 8, lora_alpha: float | None = None,
-                   lora_targets=LORA_TARGETS, copy_model: bool = True):
+                   lora_targets=LORA_TARGETS, copy_model: bool = True, seed: int = 0):
     """The trainable policy from ``loaded.model``.
 
     ``full``: every parameter trainable (the output layer must be untied). ``lora``:
     ``peft`` LoRA adapters of rank ``lora_rank`` (scaling ``lora_alpha / lora_rank``,
     default alpha = 2 × rank) on ``lora_targets``; peft initialises ``B = 0``, so the
-    policy equals the base model at step 0. ``copy_model=False`` trains
-    ``loaded.model`` itself (no second copy of the weights in memory; undo LoRA with
-    :func:`release_policy`; full training cannot be undone).
+    policy equals the base model at step 0, and ``A`` at random: drawn from ``seed``
+    (the global torch generator is left as it was), so a run is repeatable.
+    ``copy_model=False`` trains ``loaded.model`` itself (no second copy of the weights
+    in memory; undo LoRA with :func:`release_policy`; full training cannot be undone).
     """
     check_choice("--method", method, METHODS)
     model = copy.deepcopy(loaded.model) if copy_model else loaded.model
@@ -100,7 +101,9 @@ def prepare_policy(loaded, method: str, *, lora_rank: int = 8, lora_alpha: float
     model._prefdyn_grad_flags = [p.requires_grad for p in model.parameters()]
     with warnings.catch_warnings():  # peft calls a deprecated transformers alias
         warnings.filterwarnings("ignore", category=FutureWarning)
-        policy = get_peft_model(model, config)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(check_integer("--seed", seed, ge=0))
+            policy = get_peft_model(model, config)
     policy.eval()
     return policy
 
