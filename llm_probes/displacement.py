@@ -257,7 +257,7 @@ def run(ctx) -> list[Path]:
         trajectory[0].append(step)
         trajectory[1].append(evaluation.logps)
 
-    policy = policy_from_args(loaded, args, copy_model=False)
+    policy = policy_from_args(loaded, args, copy_model=False, seed=ctx.seed)
     reset_peak_memory(loaded.device)
     clock = time.perf_counter()
     try:

@@ -517,7 +517,7 @@ def _run_lora(ctx, prompted: pd.DataFrame, settings: dict, record: dict):
     teacher = evaluate(loaded.model, data_prompted, everything, batch_size=args.batch_size).logps
     base = evaluate(loaded.model, data, everything, batch_size=args.batch_size).logps
     reference_s = time.perf_counter() - clock
-    policy = prepare_policy(loaded, "lora", copy_model=False, seed=args.seed,
+    policy = prepare_policy(loaded, "lora", copy_model=False, seed=ctx.seed,
                             **lora_options(args))
     trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
     clock = time.perf_counter()

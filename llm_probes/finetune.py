@@ -120,9 +120,10 @@ def config_from_args(args, seed: int, *, steps: int | None = None) -> TrainConfi
                         seed=seed)
 
 
-def policy_from_args(loaded, args, *, copy_model: bool):
-    """:func:`prepare_policy` with the CLI's method and LoRA options."""
-    return prepare_policy(loaded, args.method, copy_model=copy_model, seed=args.seed,
+def policy_from_args(loaded, args, *, copy_model: bool, seed: int = 0):
+    """:func:`prepare_policy` with the CLI's method and LoRA options; ``seed`` (the
+    probe's ``--seed``) draws the LoRA adapters' start."""
+    return prepare_policy(loaded, args.method, copy_model=copy_model, seed=seed,
                           **lora_options(args))
 
 
@@ -161,7 +162,7 @@ def run(ctx) -> list[Path]:
     before = evaluate(loaded.model, data, everything, batch_size=config.eval_batch_size,
                       hidden=True)
     reference_s = time.perf_counter() - clock
-    policy = policy_from_args(loaded, args, copy_model=False)
+    policy = policy_from_args(loaded, args, copy_model=False, seed=ctx.seed)
     counts = _parameter_counts(policy)
     reset_peak_memory(loaded.device)
     clock = time.perf_counter()

@@ -84,7 +84,7 @@ def run(ctx) -> list[Path]:
     try:
         # 1. from the base model (a copy under full training: the base is needed again)
         clock = time.perf_counter()
-        policy = policy_from_args(loaded, args, copy_model=full)
+        policy = policy_from_args(loaded, args, copy_model=full, seed=ctx.seed)
         try:
             frame = train_dpo(policy, flipped, ref, config, start=ref, phase="flip",
                               progress=ctx.progress)
@@ -97,7 +97,7 @@ def run(ctx) -> list[Path]:
         seconds["base"] = time.perf_counter() - clock
         # 2. align on the original preferences, then flip (same adapters / weights)
         clock = time.perf_counter()
-        policy = policy_from_args(loaded, args, copy_model=False)
+        policy = policy_from_args(loaded, args, copy_model=False, seed=ctx.seed)
         try:
             frames.append(train_dpo(policy, data, ref, align_config, start=ref, phase="align",
                                     progress=ctx.progress).assign(start="aligned"))
