@@ -77,7 +77,8 @@ from synthetic.validation import ParameterError, check_integer, check_number
 __all__ = ["train", "predict", "RowRanking", "reference_rows", "stability_limit",
            "stability_limits", "choose_lr", "parse_lr", "AUTO_FRACTION", "curves_frame",
            "speed_table", "spearman_ci", "rank_correlations", "priority_table",
-           "add_arguments", "check", "run", "SPEEDS", "PRIMARY_SPEED", "LOGITS_BUDGET"]
+           "add_arguments", "check", "check_model", "run", "SPEEDS", "PRIMARY_SPEED",
+           "LOGITS_BUDGET"]
 
 LOGITS_BUDGET = 2 * 2**30
 """Bytes the reference logits of one measured run may take (float64, two copies)."""
@@ -187,18 +188,20 @@ def parse_lr(name: str, value) -> float | str:
 
 
 def choose_lr(lr: float | str, limits: dict[str, float], *, fraction: float = AUTO_FRACTION,
-              name: str = "--lr", hint: str = "lower --lr") -> float:
+              name: str = "--lr", hint: str = "lower --lr",
+              rule: str = "4/(β² λ_max(E[g gᵀ]))") -> float:
     """The step size of a run whose groups have the stability ``limits`` (group → lr).
 
     ``lr = "auto"``: ``fraction × min(limits)`` (``0 < fraction < 1``). A number is
     kept if it is below every limit, else refused naming the smallest (gradient
-    descent diverges above it), with ``hint`` and ``--lr auto`` suggested.
+    descent diverges above it; ``rule`` is how the limit is computed), with ``hint``
+    and ``--lr auto`` suggested.
     """
     worst = min(limits, key=limits.get)
     if lr == "auto":
         return check_number("--lr-fraction", fraction, gt=0, lt=1) * limits[worst]
     if lr >= limits[worst]:
-        raise ParameterError(name, lr, f"must be < 4/(β² λ_max(E[g gᵀ])) = "
+        raise ParameterError(name, lr, f"must be < {rule} = "
                              f"{limits[worst]:.3g} on {worst!r} (gradient descent diverges "
                              f"above it); {hint}, or use --lr auto "
                              f"({AUTO_FRACTION:g} of the limit)")
@@ -355,17 +358,20 @@ def add_arguments(parser) -> None:
     add_feature_arguments(parser)
     group = parser.add_argument_group("last-layer DPO")
     group.add_argument("--beta", type=float, default=1.0, help="DPO β (default: 1)")
-    group.add_argument("--lr", default=1e-3, metavar="LR|auto",
-                       help="gradient-descent step on W (default: 1e-3, stable on "
-                       "SmolLM2's raw features; the probe refuses lr >= 4/(β² λ_max)); "
-                       "auto: --lr-fraction of the smallest measured limit")
+    group.add_argument("--lr", default=None, metavar="LR|auto",
+                       help="gradient-descent step on W (default: 1e-3 with --behaviors, "
+                       "stable on SmolLM2's raw features; auto with --pairs; the probe refuses "
+                       "a step above the stability limit); auto: --lr-fraction of the "
+                       "smallest measured limit")
     group.add_argument("--lr-fraction", type=float, metavar="F",
-                       help=f"with --lr auto, the step as a fraction 0 < F < 1 of "
-                       f"4/(β² λ_max) (default: {AUTO_FRACTION:g})")
-    group.add_argument("--steps", type=int, default=2000,
-                       help="steps (default: 2000, i.e. t = 2 at the default lr)")
-    group.add_argument("--eval-every", type=int, default=20,
-                       help="record metrics every N steps (default: 20)")
+                       help=f"with --lr auto, the step as a fraction 0 < F < 1 of the "
+                       f"stability limit (default: {AUTO_FRACTION:g})")
+    group.add_argument("--steps", type=int, default=None,
+                       help="steps (default: 2000 with --behaviors, i.e. t = 2 at the default "
+                       "lr; 100 with --pairs)")
+    group.add_argument("--eval-every", type=int, default=None,
+                       help="record metrics every N steps (default: 20 with --behaviors, 10 "
+                       "with --pairs)")
     group.add_argument("--center", action="store_true",
                        help="subtract each behavior's mean train feature first")
     group.add_argument("--together", action="store_true",
@@ -376,10 +382,20 @@ def add_arguments(parser) -> None:
                        "log-partition (default: 64)")
     group.add_argument("--bootstrap", type=int, default=2000,
                        help="bootstrap resamples of behaviors for the CI of ρ (default: 2000)")
+    from llm_probes.pair_last_layer import add_arguments as add_pair_arguments
+
+    add_pair_arguments(group)
 
 
 def check(args) -> None:
-    """Validate the probe's options (one-line ParameterError naming the option)."""
+    """Validate the probe's options (one-line ParameterError naming the option); fill
+    the defaults that depend on ``--pairs``."""
+    pairs = getattr(args, "pairs", None) is not None
+    defaults = dict(lr="auto", steps=100, eval_every=10) if pairs else dict(
+        lr=1e-3, steps=2000, eval_every=20)
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     check_number("--beta", args.beta, gt=0)
     args.lr = parse_lr("--lr", args.lr)
     if args.lr_fraction is not None:
@@ -392,6 +408,21 @@ def check(args) -> None:
     check_integer("--theory-vocab", args.theory_vocab, ge=0)
     check_integer("--bootstrap", args.bootstrap, ge=0)
     check_integer("--batch-size", args.batch_size, ge=1)
+    if pairs:
+        from llm_probes.pair_last_layer import check as check_pairs
+
+        check_pairs(args)
+    elif args.test_fraction != 0.25:
+        raise ParameterError("--test-fraction", args.test_fraction, "applies only with --pairs "
+                             "(persona statements keep their own train/test split)")
+
+
+def check_model(ctx) -> None:
+    """With ``--pairs``: tokenize them under the budgets before anything is written."""
+    if ctx.pairs is not None:
+        from llm_probes.pair_features import check_model as check_pairs
+
+        check_pairs(ctx)
 
 
 def _measured_keep(n: int, vocab: int) -> int | None:
@@ -426,6 +457,10 @@ def run(ctx) -> list[Path]:
 
     args = ctx.args
     check(args)
+    if ctx.pairs is not None:  # multi-token preference pairs, the whole output layer (issue 14)
+        from llm_probes.pair_last_layer import run as run_pairs
+
+        return run_pairs(ctx)
     loaded = ctx.model
     start = time.perf_counter()
     features, extract_seconds = probe_features(ctx)

@@ -50,10 +50,16 @@ def length_batches(lengths, batch_size: int, max_batch_tokens: int) -> list[np.n
 
 
 def response_features(loaded, prompts, responses, *, batch_size: int = 16,
-                      max_batch_tokens: int = 8192, progress=None) -> dict[str, np.ndarray]:
+                      max_batch_tokens: int = 8192, progress=None,
+                      keep_states: bool = False) -> dict[str, np.ndarray]:
     """``sum`` ``(n, d)``, ``logp`` ``(n,)`` and ``tokens`` ``(n,)`` of each response
     ``responses[i]`` (token ids) after ``prompts[i]`` (token ids; non-empty), in
-    float64. ``progress(k)`` is called with the sequences done after each batch."""
+    float64. ``progress(k)`` is called with the sequences done after each batch.
+
+    ``keep_states``: also every scoring state, ``states`` ``(R, d)`` float32 with
+    ``R = Σ_i len(responses[i])``, in response order and token order within a response
+    (response ``i`` owns rows ``offsets[i]:offsets[i + 1]``), and ``targets`` ``(R,)``,
+    the token each row scores."""
     batch_size = check_integer("batch_size", batch_size, ge=1)
     max_batch_tokens = check_integer("max_batch_tokens", max_batch_tokens, ge=2)
     from llm_probes.model import _decoder
@@ -67,6 +73,8 @@ def response_features(loaded, prompts, responses, *, batch_size: int = 16,
     sums, logps = np.zeros((n, width)), np.zeros(n)
     tokens = np.array([len(r) for r in responses])
     decoder = _decoder(model)
+    offsets = np.r_[0, np.cumsum(tokens)]
+    states = np.zeros((int(offsets[-1]), width), dtype=np.float32) if keep_states else None
     with torch.inference_mode():
         for batch in length_batches(lengths, batch_size, max_batch_tokens):
             longest = int(lengths[batch].max())
@@ -97,10 +105,17 @@ def response_features(loaded, prompts, responses, *, batch_size: int = 16,
                 per_token[part] = (torch.log_softmax(logits, -1).gather(
                     -1, target[part, None])[:, 0]).cpu()
             np.add.at(sums, who, picked.double().cpu().numpy())
+            if keep_states:  # each response's rows are contiguous and in token order here
+                where = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in batch])
+                states[where] = picked.float().cpu().numpy()
             np.add.at(logps, who, per_token.numpy())
             if progress is not None:
                 progress(len(batch))
-    return {"sum": sums, "logp": logps, "tokens": tokens}
+    out = {"sum": sums, "logp": logps, "tokens": tokens}
+    if keep_states:
+        out.update(states=states, offsets=offsets,
+                   targets=np.concatenate([np.asarray(r, dtype=np.int64) for r in responses]))
+    return out
 
 
 # ---------------------------------------------------------------------- the probe

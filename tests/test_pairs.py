@@ -270,8 +270,8 @@ def test_pairs_refusals_name_the_option(tmp_path, capsys):
     line = one_line(capsys)
     assert "pairs = 'p.jsonl:3' must be valid JSON" in line and not out.exists()
     assert f"(line 3 of {data})" in line
-    assert probe_main(["last-layer", "--pairs", str(data), "--out", str(out)]) == 2
-    assert "is not taken by the last-layer probe yet" in one_line(capsys)
+    assert probe_main(["finetune", "--pairs", str(data), "--out", str(out)]) == 2
+    assert "is not taken by the finetune probe yet" in one_line(capsys)
     assert probe_main(["features", "--out", str(out)]) == 2
     assert "--behaviors = None is required (or --pairs PATH" in one_line(capsys)
     assert probe_main(["features", "--behaviors", "x", "--skip-bad", "--out", str(out)]) == 2
