@@ -415,6 +415,10 @@ def check(args) -> None:
     elif args.test_fraction != 0.25:
         raise ParameterError("--test-fraction", args.test_fraction, "applies only with --pairs "
                              "(persona statements keep their own train/test split)")
+    elif args.objective != "dpo":
+        raise ParameterError("--objective", args.objective, "applies only with --pairs (the "
+                             "persona last-layer probe trains DPO; other objectives: prefdyn "
+                             "run on a config)")
 
 
 def check_model(ctx) -> None:

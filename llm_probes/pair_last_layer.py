@@ -9,7 +9,9 @@ at the model's own, untied) learns. A response ``y`` of ``L`` tokens after a pro
 over the whole vocabulary: no Yes/No reduction. DPO on ``n`` train pairs
 ``(y_w, y_l)`` minimises ``L(W) = (1/n) Σ_i softplus(−β m_i)`` with
 ``m_i = Δ_w − Δ_l`` and ``Δ = log π_W − log π_{W0}``; full-batch gradient descent
-``W ← W − η ∇L``.
+``W ← W − η ∇L``. Any other margin objective of the registry (IPO, cDPO, robust DPO,
+hinge) or ``rlhf`` over each pair's two responses trains the same way
+(:func:`pair_objective`).
 
 **The one-step prediction** (Ren & Sutherland, "Learning dynamics of LLM finetuning",
 ICLR 2025): to first order in ``η`` the change of any response's log-probability is
@@ -49,8 +51,8 @@ import torch
 
 from synthetic.validation import ParameterError, check_number
 
-__all__ = ["PairStates", "WholeLayerDPO", "gauss_newton_limit", "one_step_kernel",
-           "split_pairs", "run", "PROBS_BUDGET"]
+__all__ = ["PairStates", "WholeLayer", "MarginObjective", "pair_objective", "pair_objectives",
+           "gauss_newton_limit", "one_step_kernel", "split_pairs", "run", "PROBS_BUDGET"]
 
 PROBS_BUDGET = 4 * 2**30
 """Bytes the per-token next-token distributions of a run may take (kept for a step)."""
@@ -105,8 +107,83 @@ def _softmax_rows(w: torch.Tensor, h: torch.Tensor):
     return logits.sub_(lse[:, None]).exp_(), lse
 
 
-class WholeLayerDPO:
-    """DPO by gradient descent on ``W`` ``(V, d)`` over frozen :class:`PairStates`.
+@dataclass(frozen=True)
+class MarginObjective:
+    """A per-pair loss ``ℓ(m)`` of the margin ``m = Δ_w − Δ_l`` (``Δ = log π − log π0``),
+    its derivative and (None where it has none) its second derivative, elementwise
+    over the train pairs."""
+
+    name: str
+    loss: object
+    grad: object
+    hess: object | None
+    per_pair: bool = False  # its loss depends on the pair beyond the margin (rlhf)
+
+
+def pair_objectives() -> list[str]:
+    """Every objective the pairs probe trains: the registry's policy objectives on the
+    margin of preference pairs (:mod:`dynamics.objectives`), and ``rlhf``."""
+    from dynamics.objectives import OBJECTIVES
+
+    return [name for name, o in OBJECTIVES.items()
+            if o.block == "policy" and o.view == "difference" and o.data == "pairs"] + ["rlhf"]
+
+
+def pair_objective(spec, *, beta: float, reference_margin=None, reward_gap=None,
+                   path: str = "--objective") -> MarginObjective:
+    """The :class:`MarginObjective` of a registry ``spec`` (a name or a table).
+
+    ``rlhf`` is the KL-regularised return over each pair's two responses, the policy
+    renormalised on them, ``p = σ(z0 + m)`` with ``z0`` the reference margin
+    ``log π0(y_w) − log π0(y_l)`` (``reference_margin``) and rewards differing by
+    ``reward_gap`` ``r(y_w) − r(y_l)``:
+
+        ℓ(m) = −[p·Δr − β KL(Bern(p) ‖ Bern(σ(z0)))],   ℓ'(m) = −p(1−p)(Δr − βm),
+
+    the exact policy gradient over that set (the engine's ``rlhf`` with two answers;
+    ``r(y_l)`` dropped, a constant). Its optimum is ``m* = Δr/β``."""
+    from dynamics.objectives import resolve_objective
+
+    obj, hyper = resolve_objective(spec, path=path)
+    if obj.name == "rlhf":
+        if hyper.get("estimator", "exact") != "exact":
+            raise ParameterError(f"{path}.estimator", hyper["estimator"], "must be exact on "
+                                 "pairs (the expectation over the two responses is exact)")
+        if reference_margin is None or reward_gap is None:
+            raise ParameterError(path, "rlhf", "needs a reward: the reference margin and the "
+                                 "reward gap of every train pair")
+        z0 = torch.as_tensor(reference_margin, dtype=torch.float64)
+        gap = torch.as_tensor(reward_gap, dtype=torch.float64)
+
+        def loss(m):
+            z = z0 + m
+            p = torch.sigmoid(z)
+            kl = (p * (torch.nn.functional.logsigmoid(z) - torch.nn.functional.logsigmoid(z0))
+                  + (1 - p) * (torch.nn.functional.logsigmoid(-z)
+                               - torch.nn.functional.logsigmoid(-z0)))
+            return -(p * gap - beta * kl)
+
+        def grad(m):
+            p = torch.sigmoid(z0 + m)
+            return -p * (1 - p) * (gap - beta * m)
+
+        def hess(m):
+            p = torch.sigmoid(z0 + m)
+            return p * (1 - p) * (beta - (1 - 2 * p) * (gap - beta * m))
+
+        return MarginObjective("rlhf", loss, grad, hess, per_pair=True)
+    if obj.name not in pair_objectives():
+        raise ParameterError(path, obj.name, "must be one of " + ", ".join(pair_objectives())
+                             + " on pairs (a policy objective on preference pairs)")
+    return MarginObjective(obj.name, lambda m: obj.loss(m, beta, **hyper),
+                           lambda m: obj.grad(m, beta, **hyper),
+                           None if obj.hess is None else lambda m: obj.hess(m, beta, **hyper))
+
+
+class WholeLayer:
+    """Gradient descent on ``W`` ``(V, d)`` over frozen :class:`PairStates` for a margin
+    objective (DPO by default; :func:`pair_objective`; a callable ``reference ↦
+    MarginObjective`` when it needs the reference margins, as ``rlhf`` does).
 
     ``dtype`` is the run's (states and ``W`` are converted); ``rows`` the token rows
     per logit block. :meth:`step` does one step and returns what it measured at the
@@ -114,7 +191,7 @@ class WholeLayerDPO:
     """
 
     def __init__(self, w0: torch.Tensor, data: PairStates, *, beta: float,
-                 dtype=torch.float32, rows: int = _ROWS):
+                 objective="dpo", dtype=torch.float32, rows: int = _ROWS):
         self.beta = check_number("beta", beta, gt=0)
         self.data = data
         self.h = data.states.to(dtype)
@@ -131,6 +208,10 @@ class WholeLayerDPO:
                                  f"{PROBS_BUDGET / 2**30:.0f} GiB); use fewer pairs or a "
                                  "smaller --max-response-tokens")
         self.reference = self.logps()
+        if callable(objective):
+            self.objective = objective(self.reference)
+        else:
+            self.objective = pair_objective(objective, beta=beta)
 
     # ---------------------------------------------------------------- pieces
     def _forward(self):
@@ -169,12 +250,17 @@ class WholeLayerDPO:
         return delta[:n] - delta[n:2 * n], delta[2 * n:2 * n + m] - delta[2 * n + m:]
 
     def coefficients(self, train_margin: torch.Tensor) -> torch.Tensor:
-        """``a_r = ∂L/∂ log π(r)`` of every response (0 on held-out ones)."""
+        """``a_r = ∂L/∂ log π(r)`` of every response (0 on held-out ones):
+        ``±ℓ'(m_i)/n`` on the chosen and the rejected response of train pair ``i``."""
         n = self.data.n_train
-        pull = self.beta * torch.sigmoid(-self.beta * train_margin) / n
+        slope = self.objective.grad(train_margin) / n
         a = torch.zeros(self.data.responses, dtype=torch.float64)
-        a[:n], a[n:2 * n] = -pull, pull
+        a[:n], a[n:2 * n] = slope, -slope
         return a
+
+    def loss(self, train_margin: torch.Tensor) -> float:
+        """``L = (1/n) Σ_i ℓ(m_i)``."""
+        return float(self.objective.loss(train_margin).mean())
 
     def _gradient(self, probs, a_token, rows: slice) -> torch.Tensor:
         """``Σ_k a_k (e_{y_k} − π_k) h_kᵀ`` over token ``rows`` (``(V, d)``)."""
@@ -209,8 +295,7 @@ class WholeLayerDPO:
         a = self.coefficients(margin)
         a_token = a[self.owner]
         n, offsets = self.data.n_train, self.data.offsets
-        out = dict(logp=logp, margin=margin, test_margin=test_margin,
-                   loss=float(torch.nn.functional.softplus(-self.beta * margin).mean()))
+        out = dict(logp=logp, margin=margin, test_margin=test_margin, loss=self.loss(margin))
         if split:
             chosen = -lr * self._gradient(probs, a_token, slice(0, int(offsets[n])))
             rejected = -lr * self._gradient(probs, a_token,
@@ -228,7 +313,7 @@ class WholeLayerDPO:
 
 
 def one_step_kernel(w: torch.Tensor, data: PairStates, reference: torch.Tensor, *,
-                    beta: float, lr: float) -> torch.Tensor:
+                    objective: MarginObjective, lr: float) -> torch.Tensor:
     """Ren & Sutherland's decomposition ``−η Σ_k Σ_u A_k K(k,u) G_u`` evaluated term by
     term (``A_k``, ``G_u`` as ``V``-vectors; ``K(k,u) = ⟨h_k, h_u⟩``), for every response.
     Quadratic in the tokens: a reference for small problems."""
@@ -241,10 +326,9 @@ def one_step_kernel(w: torch.Tensor, data: PairStates, reference: torch.Tensor, 
         0, own, torch.log_softmax(logits, 1).gather(1, y[:, None])[:, 0])
     n = data.n_train
     delta = logp - reference
-    margin = delta[:n] - delta[n:2 * n]
-    pull = beta * torch.sigmoid(-beta * margin) / n
+    slope = objective.grad(delta[:n] - delta[n:2 * n]) / n
     a = torch.zeros(data.responses, dtype=torch.float64)
-    a[:n], a[n:2 * n] = -pull, pull
+    a[:n], a[n:2 * n] = slope, -slope
     out = torch.zeros(data.responses, dtype=torch.float64)
     for k in range(len(y)):
         total = 0.0
@@ -255,10 +339,12 @@ def one_step_kernel(w: torch.Tensor, data: PairStates, reference: torch.Tensor, 
     return out
 
 
-def gauss_newton_limit(model: WholeLayerDPO) -> dict:
-    """At the current ``W``: the Gauss–Newton curvature ``λ = (β²/4n) λ_max(Gram)``
-    of the DPO loss at zero margins (``Gram_ij = ⟨∇_W m_i, ∇_W m_j⟩_F``) and the step
-    ``2/λ`` above which gradient descent on it diverges.
+def gauss_newton_limit(model: WholeLayer) -> dict:
+    """At the current ``W``: the Gauss–Newton curvature of the loss,
+    ``λ = λ_max(C^{1/2} Gram C^{1/2})`` with ``Gram_ij = ⟨∇_W m_i, ∇_W m_j⟩_F`` and
+    ``C = diag(max(ℓ''(m_i), 0))/n`` (``β²/(4n)`` for DPO at zero margins), and the
+    step ``2/λ`` above which gradient descent on it diverges (NaN for an objective with
+    no second derivative, e.g. the hinge).
 
     ``⟨∇m_i, ∇m_j⟩ = Σ_{k∈i, u∈j} s_k s_u ⟨h_k, h_u⟩ ⟨e_{y_k} − π_k, e_{y_u} − π_u⟩``
     (``s`` = +1 on chosen tokens, −1 on rejected ones), with
@@ -283,8 +369,13 @@ def gauss_newton_limit(model: WholeLayerDPO) -> dict:
     incidence = torch.zeros((n, rows), dtype=torch.float64)
     incidence[owner % n, torch.arange(rows)] = sign
     gram = incidence @ token @ incidence.T
-    lam = model.beta**2 / (4 * n) * float(torch.linalg.eigvalsh(gram)[-1])
-    return {"curvature": lam, "limit": 2.0 / lam}
+    if model.objective.hess is None:
+        return {"curvature": math.nan, "limit": math.nan}
+    logp = model.logps()
+    margin, _ = model.margins(logp)
+    root = (model.objective.hess(margin).clamp_min(0) / n).sqrt()
+    lam = float(torch.linalg.eigvalsh(root[:, None] * gram * root[None, :])[-1])
+    return {"curvature": lam, "limit": 2.0 / lam if lam > 0 else math.inf}
 
 
 def split_pairs(n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -302,11 +393,25 @@ def add_arguments(group) -> None:
     """Options that only ``--pairs`` runs take (added to the last-layer probe's)."""
     group.add_argument("--test-fraction", type=float, default=0.25, metavar="F",
                        help="with --pairs: share of the pairs held out (default: 0.25)")
+    group.add_argument("--objective", default="dpo", metavar="NAME",
+                       help="with --pairs: the margin objective trained, one of "
+                       + ", ".join(name for name in pair_objectives() if name != "rlhf")
+                       + " (default: dpo; rlhf from a reward model: prefdyn probe rlhf)")
 
 
 def check(args) -> None:
     """``--pairs`` rules of the last-layer probe's options."""
+    from dynamics.objectives import get_objective
+
     check_number("--test-fraction", args.test_fraction, ge=0, lt=1)
+    names = [name for name in pair_objectives() if name != "rlhf"]
+    if args.objective not in names:
+        raise ParameterError("--objective", args.objective, "must be one of " + ", ".join(names)
+                             + (" (rlhf needs a reward model: prefdyn probe rlhf)"
+                                if args.objective == "rlhf" else ""))
+    if args.lr == "auto" and get_objective(args.objective).hess is None:
+        raise ParameterError("--lr", "auto", f"needs the loss's curvature, which "
+                             f"{args.objective} does not have; give a number")
     for flag in ("center", "together"):
         if getattr(args, flag):
             raise ParameterError(f"--{flag}", True, "applies to --behaviors runs only "
@@ -335,7 +440,7 @@ def _bar(total: int, enabled: bool, desc: str, unit: str):
 
 
 def _step_row(step: int, lr: float, out: dict, measured, roles: pd.DataFrame,
-              start: torch.Tensor, beta: float) -> dict:
+              start: torch.Tensor, model: WholeLayer) -> dict:
     """One row of ``pair_last_layer.parquet``: the metrics at step ``step`` and how
     well the step's prediction matched the change it made (NaN when ``measured`` is
     None: the last step, which takes no step). Accuracies count ties one half."""
@@ -345,8 +450,8 @@ def _step_row(step: int, lr: float, out: dict, measured, roles: pd.DataFrame,
                reward_accuracy=float(tie_half(out["margin"]).mean()),
                margin=float(out["margin"].mean()))
     tm = out["test_margin"]
-    row["test_loss"] = (float(torch.nn.functional.softplus(-beta * tm).mean()) if len(tm)
-                        else math.nan)
+    row["test_loss"] = (float(model.objective.loss(tm).mean())
+                        if len(tm) and not model.objective.per_pair else math.nan)
     row["test_reward_accuracy"] = float(tie_half(tm).mean()) if len(tm) else math.nan
     change = out["logp"] - start
     for split in ("train", "test"):
@@ -395,7 +500,7 @@ def run(ctx) -> list[Path]:
                       torch.as_tensor(states["targets"][rows]), np.r_[0, np.cumsum(counts)],
                       n, m)
     w0 = loaded.model.get_output_embeddings().weight.detach().float()
-    model = WholeLayerDPO(w0, data, beta=args.beta)
+    model = WholeLayer(w0, data, beta=args.beta, objective=args.objective)
     limit = gauss_newton_limit(model)
     fraction = AUTO_FRACTION if args.lr_fraction is None else args.lr_fraction
     lr = choose_lr(args.lr, {"pairs": limit["limit"]}, fraction=fraction, hint="lower --lr",
@@ -415,11 +520,11 @@ def run(ctx) -> list[Path]:
             logp = model.logps()
             margin, test_margin = model.margins(logp)
             out = dict(logp=logp, margin=margin, test_margin=test_margin,
-                       loss=float(torch.nn.functional.softplus(-args.beta * margin).mean()))
+                       loss=model.loss(margin))
         if previous is not None:
             prev_step, prev = previous
             measured = out["logp"] - prev["logp"]
-            history.append(_step_row(prev_step, lr, prev, measured, roles, start, args.beta))
+            history.append(_step_row(prev_step, lr, prev, measured, roles, start, model))
             if "from_chosen" in prev:
                 changes.append(roles.assign(step=prev_step, logp=prev["logp"].numpy(),
                                             measured=measured.numpy(),
@@ -432,12 +537,13 @@ def run(ctx) -> list[Path]:
     bar.close()
     train_seconds = time.perf_counter() - tick
     final = out
-    last = _step_row(args.steps, lr, final, None, roles, start, args.beta)
+    last = _step_row(args.steps, lr, final, None, roles, start, model)
     curves = pd.DataFrame(history + [last])
     changes = pd.concat(changes, ignore_index=True)
     total = (final["logp"] - start).numpy()
     summary = dict(
-        model=loaded.name, fingerprint=loaded.fingerprint, beta=args.beta, lr=lr,
+        model=loaded.name, fingerprint=loaded.fingerprint, objective=args.objective,
+        beta=args.beta, lr=lr,
         lr_rule="auto" if args.lr == "auto" else "given", lr_fraction_of_limit=lr / limit[
             "limit"], gauss_newton_curvature=limit["curvature"],
         stability_limit=limit["limit"], steps=args.steps, eval_every=args.eval_every,

@@ -19,8 +19,10 @@ import torch
 
 from llm_fixtures import llm_cache_dir, loaded_model  # noqa: F401
 from llm_probes.cli import main as probe_main
-from llm_probes.pair_last_layer import (PairStates, WholeLayerDPO, gauss_newton_limit,
-                                        one_step_kernel, split_pairs)
+from dynamics.objectives import rlhf_loss
+from llm_probes.pair_last_layer import (PairStates, WholeLayer, gauss_newton_limit,
+                                        one_step_kernel, pair_objective, pair_objectives,
+                                        split_pairs)
 
 HH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "hh-rlhf" / \
     "harmless-base-test.jsonl.gz"
@@ -64,7 +66,7 @@ def jacobian(w, data):
 @pytest.mark.parametrize("seed", [0, 1])
 def test_steps_equal_autograd_on_a_naive_loss(seed):
     data, w0 = problem(seed)
-    model = WholeLayerDPO(w0, data, beta=BETA, dtype=torch.float64, rows=4)
+    model = WholeLayer(w0, data, beta=BETA, dtype=torch.float64, rows=4)
     reference = naive_logps(w0, data)
     torch.testing.assert_close(model.reference, reference, rtol=0, atol=1e-13)
     w = w0.clone()
@@ -83,7 +85,7 @@ def test_the_prediction_is_the_first_order_change_and_its_two_sides():
     """``predicted = J ΔW``; the chosen side is ``J`` times the step of the chosen
     responses' terms of the gradient alone (autograd of ``Σ a_r log π(r)`` over them)."""
     data, w0 = problem(2)
-    model = WholeLayerDPO(w0, data, beta=BETA, dtype=torch.float64)
+    model = WholeLayer(w0, data, beta=BETA, dtype=torch.float64)
     model.step(0.2)  # off the start, where the margins are no longer zero
     w = model.w.clone()
     reference = model.reference
@@ -101,7 +103,7 @@ def test_the_prediction_is_the_first_order_change_and_its_two_sides():
                                atol=1e-13)
     torch.testing.assert_close(out["from_chosen"] + out["from_rejected"], out["predicted"],
                                rtol=0, atol=1e-15)
-    kernel = one_step_kernel(w, data, reference, beta=BETA, lr=lr)
+    kernel = one_step_kernel(w, data, reference, objective=model.objective, lr=lr)
     torch.testing.assert_close(out["predicted"], kernel, rtol=0, atol=1e-13)
 
 
@@ -109,7 +111,7 @@ def test_the_remainder_of_the_prediction_shrinks_as_the_square_of_the_step():
     data, w0 = problem(3)
     errors = []
     for lr in (0.08, 0.04, 0.02, 0.01):
-        model = WholeLayerDPO(w0, data, beta=BETA, dtype=torch.float64)
+        model = WholeLayer(w0, data, beta=BETA, dtype=torch.float64)
         model.step(0.2)
         w = model.w.clone()
         out = model.step(lr)
@@ -121,7 +123,7 @@ def test_the_remainder_of_the_prediction_shrinks_as_the_square_of_the_step():
 
 def test_the_gauss_newton_curvature_is_that_of_the_jacobian():
     data, w0 = problem(4)
-    model = WholeLayerDPO(w0, data, beta=BETA, dtype=torch.float64, rows=5)
+    model = WholeLayer(w0, data, beta=BETA, dtype=torch.float64, rows=5)
     J = jacobian(w0, data)
     grad_margin = J[:N] - J[N:2 * N]
     want = float(torch.linalg.eigvalsh(BETA**2 / (4 * N) * grad_margin.T @ grad_margin)[-1])
@@ -130,9 +132,87 @@ def test_the_gauss_newton_curvature_is_that_of_the_jacobian():
     assert got["limit"] == pytest.approx(2 / want, rel=1e-12)
 
 
+def objective_for(name, data, w0):
+    """``name`` as the model trains it: ``rlhf`` with a random reward gap per train pair
+    and the reference margins of ``w0``."""
+    if name != "rlhf":
+        return name
+    gap = torch.linspace(-2.0, 3.0, data.n_train, dtype=torch.float64)
+    return lambda ref: pair_objective("rlhf", beta=BETA, reward_gap=gap,
+                                      reference_margin=ref[:N] - ref[N:2 * N])
+
+
+@pytest.mark.parametrize("name", pair_objectives())
+def test_every_pair_objective_steps_as_autograd_of_its_own_loss(name):
+    """The registry's margin objectives and rlhf: ``ℓ'`` and ``ℓ''`` are autograd's
+    derivatives of ``ℓ``, and a step is autograd's step of ``(1/n) Σ ℓ(m_i)`` through
+    the naive log-probabilities."""
+    data, w0 = problem(6)
+    model = WholeLayer(w0, data, beta=BETA, objective=objective_for(name, data, w0),
+                       dtype=torch.float64)
+    obj = model.objective
+    m = torch.linspace(-1.5, 2.5, N, dtype=torch.float64).requires_grad_(True)
+    slope, = torch.autograd.grad(obj.loss(m).sum(), m, create_graph=True)
+    torch.testing.assert_close(obj.grad(m.detach()), slope.detach(), rtol=0, atol=1e-12)
+    if obj.hess is not None:
+        curve, = torch.autograd.grad(slope.sum(), m)
+        torch.testing.assert_close(obj.hess(m.detach()), curve, rtol=0, atol=1e-12)
+    reference = naive_logps(w0, data)
+    w = w0.clone()
+    for _ in range(3):
+        wt = w.clone().requires_grad_(True)
+        delta = naive_logps(wt, data) - reference
+        loss = obj.loss(delta[:N] - delta[N:2 * N]).mean()
+        grad, = torch.autograd.grad(loss, wt)
+        out = model.step(0.2)
+        assert out["loss"] == pytest.approx(float(loss.detach()), abs=1e-13)
+        w = w - 0.2 * grad
+        torch.testing.assert_close(model.w, w, rtol=0, atol=1e-13)
+
+
+def test_rlhf_on_two_responses_is_the_engines_rlhf_with_two_answers():
+    """The engine's ``rlhf_loss`` on logits ``(2, n)`` (answers y_w, y_l) is the pairs
+    objective plus ``−r(y_l)``, and its optimum is the margin ``Δr/β``."""
+    g = torch.Generator().manual_seed(7)
+    ref = torch.randn(2, 5, generator=g, dtype=torch.float64)
+    logits = torch.randn(2, 5, generator=g, dtype=torch.float64)
+    rewards = torch.randn(2, 5, generator=g, dtype=torch.float64)
+    z0 = ref[0] - ref[1]
+    m = (logits[0] - logits[1]) - z0
+    obj = pair_objective("rlhf", beta=BETA, reference_margin=z0,
+                         reward_gap=rewards[0] - rewards[1])
+    engine = rlhf_loss(logits, reference=ref, rewards=rewards, beta=BETA)
+    torch.testing.assert_close(obj.loss(m) - rewards[1], engine, rtol=0, atol=1e-12)
+    optimum = (rewards[0] - rewards[1]) / BETA
+    torch.testing.assert_close(obj.grad(optimum), torch.zeros(5, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("name", ["dpo", "ipo", "rlhf"])
+def test_the_gauss_newton_curvature_away_from_the_start(name):
+    data, w0 = problem(8)
+    model = WholeLayer(w0, data, beta=BETA, objective=objective_for(name, data, w0),
+                       dtype=torch.float64)
+    model.step(0.3)
+    J = jacobian(model.w, data)
+    delta = naive_logps(model.w, data) - model.reference
+    weight = model.objective.hess(delta[:N] - delta[N:2 * N]).clamp_min(0) / N
+    grad_margin = J[:N] - J[N:2 * N]
+    want = float(torch.linalg.eigvalsh(grad_margin.T @ (weight[:, None] * grad_margin))[-1])
+    assert gauss_newton_limit(model)["curvature"] == pytest.approx(want, rel=1e-10)
+
+
+def test_objectives_that_do_not_train_on_pairs_are_refused():
+    for name in ("reward_model", "sft", "distill", "binary"):
+        with pytest.raises(Exception, match="must be one of dpo"):
+            pair_objective(name, beta=1.0)
+    with pytest.raises(Exception, match="estimator = 'ppo' must be exact on pairs"):
+        pair_objective({"name": "rlhf", "estimator": "ppo"}, beta=1.0, reward_gap=[0.0],
+                       reference_margin=[0.0])
+
+
 def test_float32_follows_float64():
     data, w0 = problem(5)
-    runs = [WholeLayerDPO(w0, data, beta=BETA, dtype=dtype) for dtype in
+    runs = [WholeLayer(w0, data, beta=BETA, dtype=dtype) for dtype in
             (torch.float64, torch.float32)]
     for _ in range(5):
         a, b = (run.step(0.1) for run in runs)
@@ -166,6 +246,10 @@ def one_line(capsys) -> str:
     (["--test-fraction", "1"], "--test-fraction = 1.0 must be < 1"),
     (["--lr", "0"], "--lr = 0.0 must be > 0, or be auto"),
     (["--lr", "0.1", "--lr-fraction", "0.3"], "--lr-fraction = 0.3 applies only with --lr auto"),
+    (["--objective", "sft"], "--objective = 'sft' must be one of dpo, cdpo"),
+    (["--objective", "rlhf"], "(rlhf needs a reward model: prefdyn probe rlhf)"),
+    (["--objective", "hinge"], "--lr = 'auto' needs the loss's curvature, which hinge does not "
+     "have; give a number"),
 ])
 def test_pairs_options_of_last_layer_are_refused_before_anything_is_written(
         tmp_path, capsys, extra, fragment):
@@ -182,6 +266,11 @@ def test_test_fraction_is_refused_without_pairs(tmp_path, capsys):
                        str(Path(__file__).resolve().parents[1].parent / "shared" / "data" /
                            "persona"), "--test-fraction", "0.5", "--out", str(out)])
     assert code == 2 and "--test-fraction = 0.5 applies only with --pairs" in one_line(capsys)
+    code = probe_main(["last-layer", "--behaviors", "agreeableness", "--persona-dir",
+                       str(Path(__file__).resolve().parents[1].parent / "shared" / "data" /
+                           "persona"), "--objective", "ipo", "--out", str(out)])
+    assert code == 2 and "--objective = 'ipo' applies only with --pairs" in one_line(capsys)
+    assert not out.exists()
 
 
 @pytest.mark.llm
