@@ -37,10 +37,11 @@ PROBES: dict[str, str] = {
     "misalignment": "llm_probes.misalignment",
     "displacement": "llm_probes.displacement",
     "distill": "llm_probes.distill",
+    "rlhf": "llm_probes.rlhf",
 }
 """Probe name → module defining ``add_arguments(parser)`` and ``run(ctx)``."""
 
-PAIR_PROBES = ("features", "last-layer")
+PAIR_PROBES = ("features", "last-layer", "rlhf")
 """The probes that also take ``--pairs`` (multi-token preference pairs, issue 14)."""
 
 PROBE_HELP: dict[str, str] = {
@@ -55,6 +56,9 @@ PROBE_HELP: dict[str, str] = {
     "distill": "context distillation: a helpful-honest-harmless preamble distilled into the "
                "Yes/No rows or a LoRA adapter; KL to the prompted model on held-out "
                "statements, and how much of the prompt's effect survives without it",
+    "rlhf": "a Bradley-Terry reward model on the features (held-out accuracy against "
+            "samples), exact-gradient RL from it on the last layer, and DPO on the same data: "
+            "the same optimum at equal β, the paths, the KL reached",
 }
 
 
