@@ -283,12 +283,13 @@ class WholeLayer:
         return self._per_response(token)
 
     # ---------------------------------------------------------------- the step
-    def step(self, lr: float, *, split: bool = False) -> dict:
+    def step(self, lr: float, *, split: bool = False, predict: bool = True) -> dict:
         """One gradient step of size ``lr``. Returns, at the ``W`` before the step:
         ``logp`` (every response), ``loss``, ``margin`` (train), ``test_margin`` and
         ``predicted``, the first-order change of every response's ``log π`` that the
         step makes; with ``split``, also ``from_chosen`` and ``from_rejected``, the
-        parts of ``predicted`` due to the chosen and the rejected responses' gradient."""
+        parts of ``predicted`` due to the chosen and the rejected responses' gradient;
+        without ``predict``, no prediction (one product with ``W`` fewer)."""
         token, probs = self._forward()
         logp = self._per_response(token)
         margin, test_margin = self.margins(logp)
@@ -306,7 +307,8 @@ class WholeLayer:
             delta = chosen.add_(rejected)
         else:
             delta = -lr * self._gradient(probs, a_token, slice(0, int(offsets[2 * n])))
-            out["predicted"] = self._predicted(probs, delta)
+            if predict:
+                out["predicted"] = self._predicted(probs, delta)
         del probs
         self.w.add_(delta)
         return out

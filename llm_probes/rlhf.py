@@ -472,7 +472,8 @@ def _run_pairs(ctx) -> list[Path]:
     }
     optimum = reward_gap / args.beta
     history, settings = [], {}
-    bar = _progress(2 * args.steps, ctx.progress, "whole-layer DPO and RL", unit="step")
+    bar = _progress(args.steps + args.rl_steps, ctx.progress, "whole-layer DPO and RL",
+                    unit="step")
     for method, model in models.items():
         limit = gauss_newton_limit(model)["limit"]
         given = args.lr if method == "dpo" else args.rl_lr
@@ -483,8 +484,12 @@ def _run_pairs(ctx) -> list[Path]:
         z0 = model.reference[:n] - model.reference[n:2 * n]
         steps = args.steps if method == "dpo" else args.rl_steps
         for step in range(steps + 1):
-            logp = model.logps() if step % args.eval_every == 0 or step == steps else None
-            if logp is not None:
+            if step < steps:
+                logp = model.step(lr, predict=False)["logp"]  # at W before the step
+                bar.update(1)
+            else:
+                logp = model.logps()
+            if step % args.eval_every == 0 or step == steps:
                 margin, _ = model.margins(logp)
                 change = logp - model.reference
                 history.append(dict(
@@ -495,9 +500,6 @@ def _run_pairs(ctx) -> list[Path]:
                     chosen_change=float(change[:n].mean()),
                     rejected_change=float(change[n:2 * n].mean()),
                     chosen_fell=float((change[:n] < 0).double().mean())))
-            if step < steps:
-                model.step(lr)
-                bar.update(1)
     bar.close()
     history = pd.DataFrame(history)
     learning = curve_table(curve)
