@@ -359,12 +359,17 @@ def add_arguments(parser) -> None:
                         f"{DEFAULT_PREAMBLE!r})")
     source.add_argument("--preamble-file", type=Path, metavar="PATH",
                         help="read the preamble from a UTF-8 text file")
-    for name, kind, what in (("--steps", int, "steps"), ("--lr", float, "learning rate"),
+    for name, kind, what in (("--steps", int, "steps"),
+                             ("--lr", str, "learning rate; last-layer also takes auto, "
+                              "--lr-fraction of the stability limit 4/λ_max(E[g gᵀ])"),
                              ("--eval-every", int, "record the KL every N steps (lora: "
                               "of the held-out statements; of all at the ends)")):
         key = name[2:].replace("-", "_")
         group.add_argument(name, type=kind, default=None, help=f"{what} (default: " + ", ".join(
             f"{mode} {values[key]:g}" for mode, values in DEFAULTS.items()) + ")")
+    group.add_argument("--lr-fraction", type=float, metavar="F",
+                       help="with --lr auto, the step as a fraction 0 < F < 1 of the "
+                       "stability limit (default: 0.5)")
     group.add_argument("--train-batch", type=int, default=8, metavar="N",
                        help="lora: statements per step (default: 8)")
     add_lora_arguments(group)
@@ -376,8 +381,19 @@ def resolved(args) -> dict:
     mode = check_choice("--mode", args.mode, MODES)
     values = {key: default if getattr(args, key) is None else getattr(args, key)
               for key, default in DEFAULTS[mode].items()}
+    from llm_probes.last_layer import parse_lr
+
     check_integer("--steps", values["steps"], ge=1)
-    check_number("--lr", values["lr"], gt=0)
+    values["lr"] = parse_lr("--lr", values["lr"])
+    if values["lr"] == "auto" and mode != "last-layer":
+        raise ParameterError("--lr", "auto", "applies to --mode last-layer only (LoRA's AdamW "
+                             "has no stability limit to take a fraction of)")
+    fraction = getattr(args, "lr_fraction", None)
+    if fraction is not None:
+        check_number("--lr-fraction", fraction, gt=0, lt=1)
+        if values["lr"] != "auto":
+            raise ParameterError("--lr-fraction", fraction, f"applies only with --lr auto, "
+                                 f"not --lr {values['lr']:g}")
     check_integer("--eval-every", values["eval_every"], ge=1, le=values["steps"])
     return values
 
@@ -474,7 +490,7 @@ def _run_last_layer(ctx, prompted: pd.DataFrame, train: np.ndarray, settings: di
                     record: dict):
     """Features with and without the preamble (cached), then :func:`train_last_layer`."""
     from llm_probes.features import answer_rows, probe_features, statement_features
-    from llm_probes.last_layer import stability_limit
+    from llm_probes.last_layer import AUTO_FRACTION, choose_lr, stability_limit
 
     args, loaded = ctx.args, ctx.model
     clock = time.perf_counter()
@@ -486,10 +502,11 @@ def _run_last_layer(ctx, prompted: pd.DataFrame, train: np.ndarray, settings: di
     rows = answer_rows(loaded, args.prompt_format)[:2].double()    # (2, d): Yes, No
     teacher, base = xp @ rows.T, x @ rows.T                         # (N, 2) logits
     limit = stability_limit(x[torch.as_tensor(train)], 1.0)
-    if settings["lr"] >= limit:
-        raise ParameterError("--lr", settings["lr"], f"must be < 4/λ_max(E[g gᵀ]) = "
-                             f"{limit:.3g} on the train features (gradient descent on the "
-                             "KL diverges above it)")
+    fraction = AUTO_FRACTION if args.lr_fraction is None else args.lr_fraction
+    record["lr_rule"] = "auto" if settings["lr"] == "auto" else "given"
+    settings["lr"] = record["lr"] = choose_lr(
+        settings["lr"], {"the train features": limit}, fraction=fraction,
+        rule="4/λ_max(E[g gᵀ])")
     clock = time.perf_counter()
     _, steps, logits = train_last_layer(x, teacher, rows, train=train, lr=settings["lr"],
                                         steps=settings["steps"],

@@ -11,6 +11,7 @@ the tokenizer.
 
 from __future__ import annotations
 
+import json
 import math
 from types import SimpleNamespace
 
@@ -228,6 +229,8 @@ def test_a_preamble_that_overflows_the_context_is_refused():
     ("--preamble-file", "no-such-file.txt", "cannot be read"),
     ("--steps", "0", ">= 1"),
     ("--train-batch", "0", ">= 1"),
+    ("--lr", "fast", "must be a number > 0 or auto"),
+    ("--lr-fraction", "0.3", "applies only with --lr auto, not --lr 0.001"),
 ])
 def test_cli_bad_distill_option(persona_root, tmp_path, capsys, option, value,  # noqa: F811
                                 rule):
@@ -240,6 +243,16 @@ def test_cli_bad_distill_option(persona_root, tmp_path, capsys, option, value,  
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"prefdyn: error: {option}") and "\n" not in err
     assert rule in err
+    assert not out.exists()
+
+
+@pytest.mark.cli
+def test_cli_lr_auto_is_for_the_last_layer_only(persona_root, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "out"
+    assert _prefdyn("probe", "distill", "--behaviors", BEHAVIORS[0], "--out", out,
+                    "--persona-dir", persona_root, "--mode", "lora", "--lr", "auto") == 2
+    err = capsys.readouterr().err.strip()
+    assert "--lr = 'auto' applies to --mode last-layer only" in err and "\n" not in err
     assert not out.exists()
 
 
@@ -313,6 +326,14 @@ def test_last_layer_distillation_on_the_real_model(cli, tmp_path):
     assert (np.diff(loss) < 0).all()      # decreases at every step (below the stability limit)
     for name in ("distill_run.json", "probe_distill.json"):
         assert (out / name).is_file()
+    run = json.loads((out / "distill_run.json").read_text())
+    assert run["lr_rule"] == "given" and run["lr"] == 1e-3
+
+    auto = tmp_path / "auto"  # --lr auto: a stated fraction of the measured limit
+    assert cli(auto, "--steps", 3, "--lr", "auto", "--lr-fraction", 0.25) == 0
+    run = json.loads((auto / "distill_run.json").read_text())
+    assert run["lr_rule"] == "auto"
+    assert run["lr"] == pytest.approx(0.25 * run["stability_limit_lr"], rel=1e-12)
 
 
 @pytest.mark.llm
