@@ -396,7 +396,7 @@ def test_persona_report_on_the_real_model(loaded_model, persona_root, tmp_path, 
         g = final_hidden(loaded_model, batch["input_ids"], batch["attention_mask"]).double()
     s = torch.as_tensor(statements["sign"].to_numpy(np.float64))
     m = torch.stack([(s[:, None] * g)[torch.as_tensor(
-        (statements["behavior"] == n).to_numpy())].mean(0) for n in names])  # (2, d)
+        (statements["behavior"] == n).to_numpy().copy())].mean(0) for n in names])  # (2, d)
     rates = (m @ m.mean(0)).numpy()
     assert_close(table["rate"], rates, 1e-3)  # float32 features, left-padded batch
     assert table["gap"].max() < 1e-2

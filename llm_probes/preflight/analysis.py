@@ -190,9 +190,10 @@ def behavior_table(ex: Examples, st: Settings, theory, measured, weights: np.nda
     table["drop_rank"] = table["predicted_loss_drop"].rank(ascending=False,
                                                            method="min").astype(int)
     top = max(rate.max(), 0.0)
-    unlearned = (rate <= 0) | (table["predicted_loss_drop"].to_numpy() <= 0)
-    table["status"] = np.where(unlearned, "unlearned",
-                               np.where(rate < core.NEGLECT_FRACTION * top, "neglected", "ok"))
+    drop = table["predicted_loss_drop"].to_numpy()
+    table["status"] = np.select(
+        [drop <= 0, rate <= 0, rate < core.NEGLECT_FRACTION * top],
+        ["unlearned", "pushed back first", "neglected"], "ok")
     table["reweighting_exact"] = exact
     return table
 

@@ -43,8 +43,9 @@ __all__ = ["MARGIN_OBJECTIVES", "NEGLECT_FRACTION", "margin_objectives", "loss_s
 
 NEGLECT_FRACTION = 0.25
 """A behavior whose predicted initial rate is below this fraction of the largest is
-*neglected*; one whose rate is ≤ 0 (its loss rises at the start) or whose predicted
-loss at the end of the horizon is not below its start is *unlearned*."""
+*neglected*; one whose rate is ≤ 0 is *pushed back first* (the shared direction raises
+its loss at the start); one whose predicted loss at the end of the horizon is not below
+its start is *unlearned*."""
 
 
 def margin_objectives() -> list[str]:

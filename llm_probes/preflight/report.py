@@ -237,8 +237,9 @@ def render_html(meta: dict, report: dict, figures: dict, ches: pd.DataFrame | No
         parts.append(f"<p>None: every {unit}'s initial rate is at least "
                      f"{core.NEGLECT_FRACTION:g} of the largest.</p>")
     parts += [f"<p class='note'>neglected: rate &lt; {core.NEGLECT_FRACTION:g} × the largest; "
-              "unlearned: rate ≤ 0 (its loss rises at the start) or no predicted loss drop "
-              "over the horizon. The suggested weights solve G w ∝ 1, G_ij = ⟨m_i, m_j⟩, so "
+              "pushed back first: rate ≤ 0 (the shared direction raises its loss at the start); "
+              "unlearned: no predicted loss drop over the horizon. The suggested weights "
+              "solve G w ∝ 1, G_ij = ⟨m_i, m_j⟩, so "
               "every predicted initial rate is equal"
               + ("" if bool(b["reweighting_exact"].iloc[0]) else
                  " as nearly as nonnegative weights allow (G⁻¹1 has a negative entry)")
