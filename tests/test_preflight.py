@@ -184,6 +184,20 @@ def test_prediction_tracks_the_measured_run_and_the_order():
     assert table.loc[0, "status"] != "ok" and table.loc[2, "status"] == "ok"
 
 
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_predicted_slope_is_the_flows_own_initial_slope(objective):
+    """predicted_slope = 2ℓ'(0)²·⟨m_i, m⟩ against the population flow's first step
+    (lr small: the difference quotient is the slope up to O(lr)), for every objective."""
+    ex = synthetic(n=40)
+    st = an.Settings(objective=objective, beta=0.8, lr=1e-4, steps=2, eval_every=1,
+                     seeds=2)
+    theory, measured = an.predict(ex, st), an.measure(ex, st)
+    w, exact = core.equalising_weights(core.signed_means(ex.x, ex.s, ex.b, ex.k))
+    table = an.behavior_table(ex, st, theory, measured, w, exact, an.predict(ex, st, w))
+    assert_close(table["predicted_slope_theory_curve"], table["predicted_slope"], 1e-2,
+                 scale=table["predicted_slope"].abs().max())
+
+
 def test_reweighting_shrinks_the_measured_spread():
     """The claim of the report, measured: trained with the suggested weights, the
     spread of the measured learning speeds across behaviors shrinks (8 bootstrap seeds,

@@ -315,10 +315,13 @@ def run(args, *, loaded, statements=None, tokenized=None, pairs=None) -> list[Pa
     feature_seconds = time.perf_counter() - tick
     for i, name in enumerate(ex.names):
         for sign in (1.0, -1.0):
-            if ((ex.b == i) & (ex.s == sign)).sum() < 2:
-                raise ParameterError("--clusters" if tokenized is not None else
-                                     "--max-statements", name, "needs >= 2 examples of each "
-                                     "sign to fit a Gaussian")
+            if ((ex.b == i) & (ex.s == sign)).sum() >= 2:
+                continue
+            if tokenized is not None:
+                raise ParameterError("--clusters", cluster_info, f"leaves {name} with fewer "
+                                     "than 2 pairs to fit a Gaussian; use fewer clusters")
+            raise ParameterError("--max-statements", args.max_statements, f"leaves {name} "
+                                 "with fewer than 2 statements of one answer; raise it")
     lr, limit = choose_lr(ex, args.lr, args.objective, args.beta)
     eval_every = args.eval_every or max(1, args.steps // 50)
     st = an.Settings(objective=args.objective, beta=args.beta, lr=lr, steps=args.steps,
