@@ -244,7 +244,11 @@ def _fake_run(monkeypatch, tmp_path, *extra, pairs=False):
                     "rejected_sum": rejected * tokens_l[:, None],
                     "chosen_tokens": tokens_w, "rejected_tokens": tokens_l}
         monkeypatch.setattr(report, "pair_response_features", lambda *a, **k: features)
-        tokenized = SimpleNamespace(frame=pd.DataFrame({"line": np.arange(n) + 1}),
+        frame = pd.DataFrame({"line": np.arange(n) + 1,
+                              "prompt": [f"\n\nHuman: question {i}\n\nAssistant:"
+                                         for i in range(n)],
+                              "chosen": [" yes"] * n, "rejected": [" no"] * n})
+        tokenized = SimpleNamespace(frame=frame,
                                     report=lambda: f"{n} pairs")
         source = SimpleNamespace(report=lambda: f"{n} pairs from fake")
         args = _args(tmp_path, "--pairs", "fake.jsonl", "--steps", "20", "--seeds", "3",
@@ -275,7 +279,7 @@ def test_report_is_self_contained_with_its_tables(monkeypatch, tmp_path, pairs):
                 "preflight_behaviors.parquet", "preflight_curves.parquet",
                 "preflight_reweighting.parquet", "preflight_reweighting_summary.csv"}
     if pairs:
-        expected |= {"preflight_ches.csv", "preflight_ches.parquet"}
+        expected |= {"preflight_ches.csv", "preflight_ches.parquet", "preflight_clusters.csv"}
     assert set(names) == expected
     out = tmp_path / "out"
     assert sorted(p.name for p in out.iterdir()) == names  # nothing else, no temporaries
@@ -288,6 +292,12 @@ def test_report_is_self_contained_with_its_tables(monkeypatch, tmp_path, pairs):
         ches = pd.read_csv(out / "preflight_ches.csv")
         assert ches["rank"].tolist() == list(range(1, 49))
         assert ches["ches"].is_monotonic_decreasing
+        clusters = pd.read_csv(out / "preflight_clusters.csv")
+        assert clusters.groupby("cluster")["pairs"].first().sum() == 48
+        assert clusters["prompt"].str.fullmatch(r"question \d+").all()
+        # pair i was drawn along axis i mod 3: a cluster's examples share it
+        axis = clusters["prompt"].str.split().str[1].astype(int) % 3
+        assert (axis.groupby(clusters["cluster"]).nunique() == 1).all()
 
 
 def test_a_failing_run_leaves_no_partial_report(monkeypatch, tmp_path):

@@ -119,10 +119,36 @@ def pair_examples(features: dict, clusters: int, seed: int) -> tuple[an.Examples
     chosen = features["chosen_sum"] / features["chosen_tokens"][:, None]
     rejected = features["rejected_sum"] / features["rejected_tokens"][:, None]
     diffs = chosen - rejected  # (n, d)
-    labels, _, _ = core.kmeans(diffs, clusters, seed=seed)
+    labels, centres, _ = core.kmeans(diffs, clusters, seed=seed)
     x, s, b = core.symmetrised(diffs, labels)
     names = tuple(f"cluster-{i + 1}" for i in range(clusters))
-    return an.Examples(x, s, b, names, np.zeros((2, diffs.shape[1]))), labels
+    return an.Examples(x, s, b, names, np.zeros((2, diffs.shape[1]))), labels, diffs, centres
+
+
+def _snippet(text, width: int) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def cluster_table(frame: pd.DataFrame, names, labels: np.ndarray, diffs: np.ndarray,
+                  centres: np.ndarray, *, examples: int = 2) -> pd.DataFrame:
+    """Per cluster: its size and the ``examples`` pairs nearest its centre (file line,
+    the last human turn of the prompt, the starts of both responses), to read what a
+    cluster holds."""
+    rows = []
+    for i, name in enumerate(names):
+        members = np.flatnonzero(labels == i)
+        near = members[np.argsort(((diffs[members] - centres[i]) ** 2).sum(1),
+                                  kind="stable")[:examples]]
+        for j in near:
+            row = frame.iloc[j]
+            prompt = str(row.get("prompt", ""))
+            turn = prompt.rsplit("Human:", 1)[-1].rsplit("\n\nAssistant:", 1)[0]
+            rows.append(dict(cluster=name, pairs=int(len(members)), line=int(row["line"]),
+                             prompt=_snippet(turn, 110),
+                             chosen=_snippet(row.get("chosen", ""), 70),
+                             rejected=_snippet(row.get("rejected", ""), 70)))
+    return pd.DataFrame(rows)
 
 
 def choose_lr(ex: an.Examples, lr, objective: str, beta: float) -> tuple[float, float]:
@@ -199,7 +225,8 @@ table.t td,table.t th{padding:2px 8px;border-bottom:1px solid #eee;text-align:ri
 img{max-width:100%}.note{color:#555;font-size:.9em}code{background:#f4f4f4;padding:0 3px}"""
 
 
-def render_html(meta: dict, report: dict, figures: dict, ches: pd.DataFrame | None) -> str:
+def render_html(meta: dict, report: dict, figures: dict, ches: pd.DataFrame | None,
+                clusters: pd.DataFrame | None = None) -> str:
     """The self-contained page: inline CSS, figures as base64 PNG, no external link."""
     e = html.escape
     b = report["behaviors"]
@@ -228,6 +255,9 @@ def render_html(meta: dict, report: dict, figures: dict, ches: pd.DataFrame | No
              f"= −dL_i/dt at t = 0 = 2ℓ'(0)²·rate; t_learned: first t with implicit-reward "
              f"accuracy ≥ {an.ACCURACY_LEARNED:g}.</p>",
              f"<h2>2. Neglected or unlearned {unit}s, and a reweighting</h2>"]
+    if clusters is not None:
+        parts[-1:-1] = ["<p>What each cluster holds: the pairs nearest its centre "
+                        "(preflight_clusters.csv).</p>", _table(clusters)]
     if len(flagged):
         parts.append("<p>" + "; ".join(f"<b>{e(r.behavior)}</b>: {r.status} (rate "
                                        f"{r.rate:.3g}, predicted loss drop "
@@ -284,12 +314,13 @@ def run(args, *, loaded, statements=None, tokenized=None, pairs=None) -> list[Pa
     progress = not args.quiet
     tick = time.perf_counter()
     cluster_info = None
-    ches = None
+    ches = clusters = None
     if tokenized is not None:
         features = pair_response_features(loaded, tokenized, batch_size=args.batch_size,
                                           progress=progress)
         k = args.clusters or core.default_clusters(len(tokenized.frame))
-        ex, labels = pair_examples(features, k, args.seed)
+        ex, labels, diffs, centres = pair_examples(features, k, args.seed)
+        clusters = cluster_table(tokenized.frame, ex.names, labels, diffs, centres)
         ches = core.ches_table(features["chosen_sum"], features["rejected_sum"],
                                features["chosen_tokens"], features["rejected_tokens"],
                                line=tokenized.frame["line"].to_numpy())
@@ -341,7 +372,7 @@ def run(args, *, loaded, statements=None, tokenized=None, pairs=None) -> list[Pa
                                                  report["reweighting_summary"])}
     if ches is not None:
         figures["ches"] = ches_figure(ches)
-    page = render_html(meta, report, figures, ches)
+    page = render_html(meta, report, figures, ches, clusters)
     record = dict(meta, seed=args.seed, seeds=args.seeds, eval_every=eval_every,
                   stability_limit=limit, clusters=cluster_info,
                   max_gap=float(report["behaviors"]["gap"].max()),
@@ -367,6 +398,8 @@ def run(args, *, loaded, statements=None, tokenized=None, pairs=None) -> list[Pa
         out / "preflight.json": lambda p: p.write_text(json.dumps(record, indent=2,
                                                                   default=_json) + "\n"),
     }
+    if clusters is not None:
+        files[out / "preflight_clusters.csv"] = lambda p: clusters.to_csv(p, index=False)
     if ches is not None:
         files[out / "preflight_ches.parquet"] = lambda p: ches.to_parquet(p, index=False)
         files[out / "preflight_ches.csv"] = lambda p: ches.to_csv(p, index=False)
