@@ -338,6 +338,37 @@ def test_refusals_are_one_line_exit_2_and_write_nothing(tmp_path, capsys, argv, 
     assert not out.exists()
 
 
+def test_persona_refusals_come_before_the_model(tmp_path, capsys, monkeypatch):
+    """One behavior, an unknown one, a persona directory that does not exist: one line,
+    exit 2, before any model is loaded or anything written."""
+    import json
+
+    from dynamics.cli import main
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("llm_probes.model.load_model", no_model)
+    persona = tmp_path / "persona"
+    persona.mkdir()
+    for name in ("alpha", "beta"):
+        lines = [json.dumps({"question": f"Is {name} {i}?", "statement": f"{name} {i}",
+                             "answer_matching_behavior": " Yes" if i % 2 else " No"})
+                 for i in range(8)]
+        (persona / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    for argv, start in ((["--behaviors", "alpha"], "--behaviors = 'alpha' must name at least"),
+                        (["--behaviors", "alpha,gamma"], "--behaviors"),
+                        (["--behaviors", "alpha,beta", "--persona-dir", str(tmp_path / "no")],
+                         "--persona-dir")):
+        if "--persona-dir" not in argv:
+            argv = [*argv, "--persona-dir", str(persona)]
+        assert main(["preflight", *argv, "--out", str(out), "--quiet"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"prefdyn: error: {start}") and "\n" not in err, err
+    assert not out.exists()
+
+
 def test_refusals_that_read_the_data_come_before_the_model(tmp_path, capsys):
     """A malformed pairs file, or more clusters than a quarter of the pairs, is refused
     (exit 2, one line) before any model is loaded or anything written."""
