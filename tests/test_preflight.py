@@ -264,6 +264,40 @@ def _fake_run(monkeypatch, tmp_path, *extra, pairs=False):
                       statements=pd.DataFrame({"x": range(len(ex.b))}))
 
 
+def test_pair_feature_cache_is_reused_by_a_larger_run(tmp_path, monkeypatch):
+    """Chunks of PAIR_CHUNK pairs from the first: 100 pairs then 150 computes the
+    chunks [0, 64) and [64, 100), then only [64, 128) and [128, 150); the cached
+    values come back unchanged (a fake model: each sum is the sequence's token ids)."""
+    from llm_probes import pair_features
+    from llm_probes.preflight import report
+
+    calls = []
+
+    def fake(loaded, prompts, responses, **kwargs):
+        calls.append(len(prompts) // 2)
+        sums = np.array([[sum(p) + sum(r), len(r)] for p, r in zip(prompts, responses)], float)
+        return {"sum": sums, "logp": np.zeros(len(prompts)),
+                "tokens": np.array([len(r) for r in responses])}
+
+    monkeypatch.setattr(pair_features, "response_features", fake)
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame({"prompt_ids": [list(rng.integers(0, 99, 3)) for _ in range(150)],
+                          "chosen_ids": [list(rng.integers(0, 99, 2)) for _ in range(150)],
+                          "rejected_ids": [list(rng.integers(0, 99, 4)) for _ in range(150)]})
+    loaded = SimpleNamespace(fingerprint="fake")
+    small = report.pair_response_features(
+        loaded, SimpleNamespace(frame=frame.iloc[:100]), progress=False, cache_dir=tmp_path)
+    assert calls == [64, 36]
+    large = report.pair_response_features(loaded, SimpleNamespace(frame=frame), progress=False,
+                                          cache_dir=tmp_path)
+    assert calls == [64, 36, 64, 22]
+    for key in small:
+        assert np.array_equal(large[key][:100], small[key])
+    expected = [sum(p) + sum(c) for p, c in zip(frame.prompt_ids, frame.chosen_ids)]
+    assert large["chosen_sum"][:, 0].tolist() == expected
+    assert large["rejected_tokens"].tolist() == [4] * 150
+
+
 def _self_contained(page: str) -> None:
     assert "http://" not in page and "https://" not in page
     assert "<link" not in page and "<script" not in page and "url(" not in page

@@ -34,8 +34,11 @@ from synthetic.validation import ParameterError
 __all__ = ["pair_response_features", "persona_examples", "pair_examples", "choose_lr",
            "build_report", "render_html", "run", "PAIR_CHUNK"]
 
-PAIR_CHUNK = 256
-"""Pairs per cache file of the pair features."""
+PAIR_CHUNK = 64
+"""Pairs per cache file of the pair features. Chunks are cut from the first pair, so a
+run on more pairs (a larger ``--max-pairs``) reuses every whole chunk of a smaller one
+and an interruption loses at most one chunk; 64 pairs (128 sequences) still fill the
+length-bucketed batches."""
 AUTO_FRACTION = 0.5
 """``--lr auto``: this fraction of the stability limit ``1/(ℓ''(0) λ_max(E[g gᵀ]))``."""
 CACHE_VERSION = 1
