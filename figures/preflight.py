@@ -79,6 +79,7 @@ def reweighting_figure(rows: pd.DataFrame, summary: pd.DataFrame) -> bytes:
         row = summary[summary["speed"] == kind].iloc[0]
         ax.set(xticks=[0, 1], xticklabels=["data's weights", "suggested"],
                ylabel="spread (sd/|mean|) of speeds",
+               xlabel="dots: bootstrap seeds; black: mean ± sd over seeds",
                title=f"{kind} speed: shrinks by {row['shrink']:.2f} "
                      f"[{row['shrink_low']:.2f}, {row['shrink_high']:.2f}]")
     return png(fig)
