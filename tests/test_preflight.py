@@ -106,6 +106,12 @@ def test_the_objective_choices_are_the_registered_margin_objectives():
     assert OBJECTIVES == core.MARGIN_OBJECTIVES
 
 
+def test_the_prompt_format_choices_are_the_models():
+    from llm_probes import PROMPT_FORMATS, preflight
+
+    assert preflight.PROMPT_FORMATS == tuple(PROMPT_FORMATS)
+
+
 def test_resample_counts_by_hand():
     s = np.array([1, 1, -1, -1, 1, -1, -1, -1.0])
     b = np.array([0, 0, 0, 0, 1, 1, 1, 1])

@@ -26,6 +26,8 @@ HELP = ("the report before training: predicted learning curves and order per beh
         "a short last-layer run; one self-contained HTML page")
 OBJECTIVES = ("dpo", "cdpo", "robust_dpo", "ipo", "hinge", "reward_model")
 """The registered margin objectives (``core.margin_objectives()``, checked by a test)."""
+PROMPT_FORMATS = ("chat", "plain")
+"""The persona prompt formats (``llm_probes.model.PROMPT_FORMATS``, checked by a test)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -114,7 +116,7 @@ def check(args) -> None:
         check_integer("--eval-every", args.eval_every, ge=1, le=args.steps // 2)
     check_integer("--seeds", args.seeds, ge=2)
     check_integer("--seed", args.seed, ge=0)
-    check_choice("--prompt-format", args.prompt_format, ("chat", "plain"))
+    check_choice("--prompt-format", args.prompt_format, PROMPT_FORMATS)
 
 
 def main(args) -> int:
