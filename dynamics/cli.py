@@ -9,6 +9,8 @@
     prefdyn probe NAME --behaviors A,B,...|all --out DIR [--persona-dir DIR] [--model PATH]
                   [--device auto|cpu|cuda] [--max-statements N] [--seed S] [--quiet]
                   [options of NAME]    (real-LLM probes, see llm_probes/cli.py)
+    prefdyn preflight --pairs PATH | --behaviors A,B --persona-dir DIR --out DIR [options]
+                  (the report before training, see llm_probes/preflight/)
 
 Bad input (a config key, a value, a file, an --out that cannot be written, an
 option, a run too big for the memory, an unreachable scheduler) ends with a one-line
@@ -155,6 +157,12 @@ def _figures(args) -> int:
     return 0
 
 
+def _preflight(args) -> int:
+    from llm_probes.preflight import main
+
+    return main(args)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="prefdyn",
@@ -225,6 +233,11 @@ def _parser() -> argparse.ArgumentParser:
     from llm_probes.cli import add_probe_parser
 
     add_probe_parser(sub)
+    from llm_probes import preflight  # its options only: the standard library
+
+    pre = sub.add_parser("preflight", help=preflight.HELP, description=preflight.HELP)
+    preflight.add_arguments(pre)
+    pre.set_defaults(func=_preflight)
     return parser
 
 
