@@ -471,7 +471,7 @@ def _run_pairs(ctx) -> list[Path]:
             reference_margin=ref[:n] - ref[n:2 * n])),
     }
     optimum = reward_gap / args.beta
-    history, settings = [], {}
+    history, settings, finals = [], {}, {}
     bar = _progress(args.steps + args.rl_steps, ctx.progress, "whole-layer DPO and RL",
                     unit="step")
     for method, model in models.items():
@@ -489,6 +489,7 @@ def _run_pairs(ctx) -> list[Path]:
                 bar.update(1)
             else:
                 logp = model.logps()
+                finals[method] = model.margins(logp)[0]
             if step % args.eval_every == 0 or step == steps:
                 margin, _ = model.margins(logp)
                 change = logp - model.reference
@@ -496,6 +497,8 @@ def _run_pairs(ctx) -> list[Path]:
                     method=method, step=step, t=lr * step, loss=model.loss(margin),
                     margin=float(margin.mean()),
                     to_rl_optimum=float((margin - optimum).norm() / optimum.norm()),
+                    prob_to_rl_optimum=float((torch.sigmoid(z0 + margin)
+                                              - torch.sigmoid(z0 + optimum)).abs().mean()),
                     kl=float(_bernoulli_kl(z0 + margin, z0).mean()),
                     chosen_change=float(change[:n].mean()),
                     rejected_change=float(change[n:2 * n].mean()),
@@ -503,6 +506,15 @@ def _run_pairs(ctx) -> list[Path]:
     bar.close()
     history = pd.DataFrame(history)
     learning = curve_table(curve)
+    z0 = models["rlhf"].reference[:n] - models["rlhf"].reference[n:2 * n]
+    per_pair = pd.DataFrame({
+        "line": ctx.tokenized.frame.line.to_numpy()[train_index],
+        "reference_margin": z0.numpy(), "reward_gap": reward_gap.numpy(),
+        "rl_optimum": optimum.numpy(), "rl_margin": finals["rlhf"].numpy(),
+        "dpo_margin": finals["dpo"].numpy(),
+        "rl_optimum_prob": torch.sigmoid(z0 + optimum).numpy(),
+        "rl_prob": torch.sigmoid(z0 + finals["rlhf"]).numpy(),
+        "dpo_prob": torch.sigmoid(z0 + finals["dpo"]).numpy()})
     end = history.groupby("method").tail(1).set_index("method")
     summary = dict(
         model=loaded.name, fingerprint=loaded.fingerprint, mode="pairs", beta=args.beta,
@@ -516,12 +528,14 @@ def _run_pairs(ctx) -> list[Path]:
         **{f"{method}_{key}": value for method, part in settings.items()
            for key, value in part.items()},
         **{f"{method}_{key}": float(end.loc[method, key]) for method in models
-           for key in ("loss", "margin", "kl", "to_rl_optimum", "chosen_fell")},
+           for key in ("loss", "margin", "kl", "to_rl_optimum", "prob_to_rl_optimum",
+                       "chosen_fell")},
         seconds=dict(states=extract_seconds, total=time.perf_counter() - started),
         note="reward r(x, y) = ψᵀ mean scoring state of y; RL and DPO move every output row on "
              "frozen states; RL's expectation is exact over each pair's two responses")
     out = ctx.out
     files = [write_parquet(out / "rlhf_pairs.parquet", history),
+             write_parquet(out / "rlhf_pairs_final.parquet", per_pair),
              write_parquet(out / "rlhf_reward_model.parquet", learning),
              atomic_write(out / "rlhf_summary.json", lambda p: p.write_text(
                  json.dumps(summary, indent=2, default=float) + "\n"))]
@@ -529,7 +543,8 @@ def _run_pairs(ctx) -> list[Path]:
     if ctx.progress:
         print(f"rlhf --pairs: reward model held-out accuracy "
               f"{summary['reward_model_test_accuracy']:.3f} on {m} pairs; RL's margins "
-              f"{summary['rlhf_to_rl_optimum']:.3f} from m* = Δr/β (relative); KL on the two "
+              f"{summary['rlhf_to_rl_optimum']:.3f} from m* = Δr/β (relative; in probability "
+              f"{summary['rlhf_prob_to_rl_optimum']:.3f}); KL on the two "
               f"responses: RL {summary['rlhf_kl']:.4f} (optimum {summary['optimum_kl']:.4f}), "
               f"DPO {summary['dpo_kl']:.4f}", file=sys.stderr)
     return files

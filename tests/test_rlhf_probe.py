@@ -205,3 +205,9 @@ def test_the_probe_on_real_pairs(tmp_path, loaded_model):  # noqa: F811
     assert summary["train_pairs"] == 6 and summary["test_pairs"] == 2
     dpo = history[history.method == "dpo"]
     assert list(dpo.loss) == sorted(dpo.loss, reverse=True)
+    final = pd.read_parquet(out / "rlhf_pairs_final.parquet")
+    assert len(final) == 6
+    np.testing.assert_allclose(final.rl_optimum, final.reward_gap / 1.0)
+    np.testing.assert_allclose(final.rl_prob, 1 / (1 + np.exp(-(final.reference_margin
+                                                               + final.rl_margin))))
+    assert summary["rlhf_margin"] == pytest.approx(final.rl_margin.mean())
