@@ -200,8 +200,10 @@ def test_the_probe_on_real_pairs(tmp_path, loaded_model):  # noqa: F811
 
     history = pd.read_parquet(out / "rlhf_pairs.parquet")
     rl = history[history.method == "rlhf"]
-    assert list(rl.to_rl_optimum) == sorted(rl.to_rl_optimum, reverse=True)
+    assert list(rl.loss) == sorted(rl.loss, reverse=True)  # the return rises every record
     assert rl.to_rl_optimum.iloc[0] == pytest.approx(1.0)  # margins start at zero
+    assert rl.to_rl_optimum.iloc[-1] < 1 and rl.prob_to_rl_optimum.iloc[-1] < \
+        rl.prob_to_rl_optimum.iloc[0]
     assert summary["train_pairs"] == 6 and summary["test_pairs"] == 2
     dpo = history[history.method == "dpo"]
     assert list(dpo.loss) == sorted(dpo.loss, reverse=True)
