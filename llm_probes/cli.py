@@ -40,7 +40,7 @@ PROBES: dict[str, str] = {
 }
 """Probe name → module defining ``add_arguments(parser)`` and ``run(ctx)``."""
 
-PAIR_PROBES = ("features",)
+PAIR_PROBES = ("features", "displacement")
 """The probes that also take ``--pairs`` (multi-token preference pairs, issue 14)."""
 
 PROBE_HELP: dict[str, str] = {
