@@ -39,6 +39,20 @@ The default model (SmolLM2-135M-Instruct, ``load_model(None)``) on real persona 
    for a few steps; ``llm_probes.training.peak_memory()`` (VmHWM of that process; on CUDA
    also torch's allocator peak).
 
+4. ``pairs_extract_gemm_fraction``: ``llm_probes.pair_features.response_features`` (its
+   default batching: length-bucketed, right-padded) on HH-RLHF pairs (``--pairs``; 128, 32
+   with ``--quick``; budgets 128 prompt / 64 response tokens): every prompt + response,
+   chosen and rejected. FLOPs counted on real tokens only: ``2 × non-embedding`` per
+   token plus ``2 × output-layer parameters`` per response token (the log-softmax rows);
+   against the square matmul rate as in 1 (the layer-GEMM rate printed beside it).
+5. ``pairs_dpo_speedup_vs_trl``: one full-fine-tuning multi-token DPO step of ours
+   (``llm_probes.pair_dpo.train_pair_dpo``) against TRL's ``DPOTrainer`` with
+   ``precompute_ref_log_probs=True`` on the same 8 pairs (budgets 64 / 32 tokens) as one
+   batch, same settings as 2. Both train on the same token ids: TRL's dataset preparation
+   (which would tokenize prompt + completion together and append EOS) is bypassed by
+   handing it ``prompt_ids``/``chosen_ids``/``rejected_ids``. Ours is stamped each time
+   ``train_pair_dpo`` draws a batch, TRL's by ``on_step_end``; losses compared step by step.
+
 TRL settings that differ from TRL's defaults, and why: ``bf16=False`` (ours is float32;
 the losses must agree), ``gradient_checkpointing=False`` (TRL's default recomputes the
 forward; turning it off makes TRL faster, so the comparison is stricter),
@@ -49,7 +63,9 @@ forward; turning it off makes TRL faster, so the comparison is stricter),
 default optimiser, ``adamw_torch_fused`` (``train_dpo`` uses the same fused kernel). TRL is
 optional: without it (``pip install trl``) ``dpo_speedup_vs_trl=nan``.
 
-The last line printed is ``bench_probes: extract_gemm_fraction=F dpo_speedup_vs_trl=S``.
+The last line printed is ``bench_probes: extract_gemm_fraction=F dpo_speedup_vs_trl=S
+pairs_extract_gemm_fraction=F pairs_dpo_speedup_vs_trl=S`` (``--only`` skips sections;
+their keys print ``nan``).
 Only the library's public functions are timed, and nothing here changes what they compute
 (the per-step stamp wraps ``statement_metrics`` for the length of one ``train_dpo`` call
 and returns its values untouched). Timed tasks wait for a quiet machine first, and every
@@ -88,7 +104,8 @@ from timing import (  # noqa: E402
 )
 
 TARGETS = {"extract_gemm_fraction": 0.6, "dpo_speedup_vs_trl": 2.0, "peak_memory_gb": 4.0,
-           "loss_max_abs_diff": 1e-4}
+           "loss_max_abs_diff": 1e-4, "pairs_extract_gemm_fraction": 0.6,
+           "pairs_dpo_speedup_vs_trl": 2.0}
 BEHAVIORS = ("agreeableness", "narcissism", "conscientiousness", "risk-averse")
 DPO_LR, DPO_BETA, DPO_BATCH = 1e-5, 0.1, 8  # the probe's defaults for full + AdamW
 NEVER = 10**9  # eval_every beyond the last step
@@ -719,6 +736,226 @@ def memory_section(args) -> float:
     return job / gb
 
 
+# ----------------------------------------------------------------------------- 4. pairs: extraction
+
+PAIR_BUDGETS = (128, 64)  # prompt, response tokens
+PAIR_DPO_BATCH = 8
+
+
+def bench_pairs(args, n: int, budgets=PAIR_BUDGETS):
+    """The first ``n`` good pairs of ``--pairs`` (HH-RLHF), tokenized under ``budgets``."""
+    from llm_probes.pairs import load_pairs, tokenize_pairs
+
+    pairs = load_pairs(args.pairs, skip_bad=True, max_pairs=n)
+    return tokenize_pairs(pairs, args.loaded.tokenizer, max_prompt_tokens=budgets[0],
+                          max_response_tokens=budgets[1], skip_bad=True)
+
+
+def pairs_extraction_section(args, loaded, counts, env) -> float:
+    from llm_probes.pair_features import length_batches, response_features
+
+    heading("4. pairs_extract_gemm_fraction: pair_features.response_features on HH-RLHF pairs")
+    n = 32 if args.quick else 128
+    tok = bench_pairs(args, n)
+    f = tok.frame
+    prompts = list(f.prompt_ids) * 2
+    responses = list(f.chosen_ids) + list(f.rejected_ids)
+    lengths = np.array([len(p) + len(r) for p, r in zip(prompts, responses)])
+    answer = int(sum(len(r) for r in responses))
+    real = int(lengths.sum())
+    head = counts["head"] or counts["embedding"]
+    flops = 2 * counts["non_embedding"] * real + 2 * head * answer
+    default = inspect.signature(response_features).parameters
+    size, budget = default["batch_size"].default, default["max_batch_tokens"].default
+    batches = length_batches(lengths, size, budget)
+    padded = int(sum(len(b) * lengths[b].max() for b in batches))
+    print(f"{len(f)} pairs = {len(prompts)} sequences (budgets {PAIR_BUDGETS[0]} prompt / "
+          f"{PAIR_BUDGETS[1]} response tokens), {int(lengths.min())}-{int(lengths.max())} "
+          f"tokens (mean {lengths.mean():.1f}); {real} real tokens, {answer} of them "
+          f"response tokens.\nFLOPs counted: 2 x {counts['non_embedding'] / 1e6:.1f} M "
+          f"non-embedding parameters per real token + 2 x {head / 1e6:.1f} M output-layer "
+          f"parameters per response token = {flops / 1e12:.3f} TFLOP per pass (padding "
+          f"excluded).\nresponse_features defaults: batch {size}, max_batch_tokens "
+          f"{budget}: {len(batches)} forwards, padding {padded / real - 1:.1%}.")
+    shapes = layer_shapes(loaded.model)
+    layer_rate = layer_gemm(max(1, padded // len(batches)), shapes)
+    response_features(loaded, prompts[:size], responses[:size])  # warm-up
+    rounds = 1 if args.quick else 3
+    times, others, square, layer = [], [], [], []
+    for _ in range(rounds):
+        QUIET()
+        with Others() as o:
+            sync()
+            t0 = now()
+            got = response_features(loaded, prompts, responses)
+            sync()
+            times.append(now() - t0)
+        others.append(o.share)
+        if got["sum"].shape[0] != len(prompts):
+            raise RuntimeError("response_features returned the wrong number of rows")
+        layer.append(layer_rate())
+        QUIET()
+        square.append(env["square"]())
+    peak = max(square + [env["peak"]])
+    best = min(times)
+    rate = flops / best
+    lrate = max(layer)
+    table("response_features, per pass over all sequences",
+          ["best", "med", "others", "tokens/s", "GFLOP/s", "layer GEMM", "vs layer",
+           "vs square"],
+          [[fmt_t(best), fmt_t(float(np.median(times))), f"{others[int(np.argmin(times))]:.0%}",
+            f"{real / best:.0f}", f"{rate / 1e9:.1f}", f"{lrate / 1e9:.1f}",
+            f"{rate / lrate:.2f}", f"{rate / peak:.2f}"]],
+          f"vs square = GFLOP/s / float32 matmul {env['size']}^3 at {peak / 1e9:.1f} GFLOP/s "
+          f"(the headline, as extract_gemm_fraction); vs layer = against F.linear of the "
+          f"layer's weights at the mean padded rows of one forward.")
+    print(f"\nHeadline: pairs_extract_gemm_fraction = {rate / peak:.2f} (target >= "
+          f"{TARGETS['pairs_extract_gemm_fraction']}).")
+    return rate / peak
+
+
+# ----------------------------------------------------------------------------- 5. pairs: DPO vs TRL
+
+def pairs_our_run(loaded, data, ref, steps: int) -> dict:
+    """``train_pair_dpo`` (full, AdamW) on one batch of pairs; a stamp each time it draws
+    a batch, so the intervals between draws are whole steps."""
+    from llm_probes import pair_dpo
+    from llm_probes.training import prepare_policy, train_config
+
+    config = train_config(steps=steps + 1, lr=DPO_LR, beta=DPO_BETA, batch_size=len(data),
+                          optimizer="adamw", eval_every=NEVER, seed=0)
+    policy = prepare_policy(loaded, "full", copy_model=True)
+    stamps: list[float] = []
+    original = pair_dpo._epochs
+
+    def stamped(*a, **k):
+        for batch in original(*a, **k):
+            sync()
+            stamps.append(now())
+            yield np.sort(batch)  # TRL's sequential order: pairs 0..B-1 in each step
+
+    QUIET()
+    pair_dpo._epochs = stamped
+    try:
+        with Others() as others:
+            run = pair_dpo.train_pair_dpo(policy, data, ref, config, start=ref)
+    finally:
+        pair_dpo._epochs = original
+    del policy
+    gc.collect()
+    return {"step_times": np.diff(np.array(stamps[1:])), "losses": run.steps.loss.tolist(),
+            "others": others.share}
+
+
+def pairs_trl_run(loaded, data, steps: int) -> dict:
+    """TRL's DPOTrainer on the same token ids (its own tokenization bypassed: the dataset
+    holds ``prompt_ids``, ``chosen_ids``, ``rejected_ids``), ``precompute_ref_log_probs``."""
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    rows = [{"prompt_ids": p, "chosen_ids": c, "rejected_ids": r}
+            for p, c, r in zip(data.prompts, data.chosen, data.rejected)]
+    dataset = Dataset.from_list(rows * steps)
+
+    class Given(DPOTrainer):
+        def _prepare_dataset(self, dataset, *_a, **_k):
+            return dataset
+
+    class Clock(TrainerCallback):
+        def __init__(self):
+            self.end = []
+
+        def on_step_end(self, *_a, **_k):
+            sync()
+            self.end.append(now())
+
+    with tempfile.TemporaryDirectory(prefix="bench_probes_trl_") as out, quiet_libraries():
+        config = DPOConfig(
+            output_dir=out, per_device_train_batch_size=len(data), max_steps=steps,
+            learning_rate=DPO_LR, beta=DPO_BETA, weight_decay=0.0,
+            lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=0.0,
+            bf16=False, fp16=False, gradient_checkpointing=False, disable_dropout=True,
+            precompute_ref_log_probs=True, max_length=None,
+            train_sampling_strategy="sequential", dataloader_num_workers=0,
+            report_to="none", save_strategy="no", logging_strategy="no", disable_tqdm=True,
+            use_cpu=DEVICE.type == "cpu", seed=0)
+        policy = copy.deepcopy(loaded.model)
+        trainer = Given(model=policy, ref_model=None, args=config, train_dataset=dataset,
+                        processing_class=loaded.tokenizer)
+        losses = []
+        compute_loss = trainer.compute_loss
+
+        def recording(model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss = compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            value = loss[0] if isinstance(loss, tuple) else loss
+            losses.append(float(value.detach()))
+            return loss
+
+        trainer.compute_loss = recording
+        clock = Clock()
+        trainer.add_callback(clock)
+        QUIET()
+        with contextlib.redirect_stdout(io.StringIO()), Others() as others:
+            trainer.train()
+        del trainer, policy
+    gc.collect()
+    return {"step_times": np.diff(np.array(clock.end)), "losses": losses,
+            "others": others.share}
+
+
+def pairs_dpo_section(args, loaded) -> tuple[float, list]:
+    from llm_probes.pair_dpo import pair_data, pair_logps
+
+    heading("5. pairs_dpo_speedup_vs_trl: one full fine-tuning DPO step on multi-token pairs")
+    tok = bench_pairs(args, PAIR_DPO_BATCH, budgets=(64, 32))
+    data = pair_data(tok, loaded.tokenizer)
+    steps = 3 if args.quick else 6
+    tokens = sum(len(p) * 2 + len(c) + len(r) for p, c, r in zip(data.prompts, data.chosen,
+                                                                 data.rejected))
+    print(f"{len(data)} HH-RLHF pairs (budgets 64 prompt / 32 response tokens; {tokens} real "
+          f"tokens in the 2 x {len(data)} sequences), one batch; full fine-tuning, AdamW lr "
+          f"{DPO_LR:g}, beta {DPO_BETA:g}; {steps} steps a run, the first a warm-up; both "
+          f"sides train on the same token ids (no EOS added) with the reference computed once.")
+    QUIET()
+    ref = pair_logps(loaded.model, data)
+    notes = []
+    try:
+        ours = pairs_our_run(loaded, data, ref, steps)
+    except Exception as err:  # noqa: BLE001 - report, never crash the benchmark
+        print(f"\nours failed: {type(err).__name__}: {err}")
+        return float("nan"), notes
+    try:
+        import trl  # noqa: F401
+    except ImportError:
+        print(f"\nTRL is not installed: pairs_dpo_speedup_vs_trl = nan. Install it with\n  "
+              f"{TRL_INSTALL}")
+        return float("nan"), notes
+    try:
+        theirs = pairs_trl_run(loaded, data, steps)
+    except Exception as err:  # noqa: BLE001
+        text = str(err).strip()
+        print(f"\nTRL failed: {type(err).__name__}: {text.splitlines()[0] if text else ''}")
+        return float("nan"), notes
+    a, b = float(np.mean(ours["step_times"])), float(np.mean(theirs["step_times"]))
+    table("Seconds per step (mean over the timed steps)", ["", "s/step", "others"],
+          [["ours: pair_dpo.train_pair_dpo", fmt_t(a), f"{ours['others']:.0%}"],
+           ["TRL DPOTrainer, precompute_ref_log_probs=True", fmt_t(b),
+            f"{theirs['others']:.0%}"]])
+    compare = min(len(ours["losses"]), len(theirs["losses"]), 5)
+    gap = max(abs(x - y) for x, y in zip(ours["losses"][:compare], theirs["losses"][:compare]))
+    table("Per-step loss", ["step", "ours", "TRL"],
+          [[k + 1, f"{ours['losses'][k]:.7f}", f"{theirs['losses'][k]:.7f}"]
+           for k in range(compare)])
+    status = "met" if gap <= TARGETS["loss_max_abs_diff"] else "NOT met"
+    print(f"  max |loss ours - TRL| = {gap:.2e} (target <= {TARGETS['loss_max_abs_diff']:g}: "
+          f"{status})")
+    notes.append(("loss_gap_pairs_trl", gap))
+    print(f"\nHeadline: pairs_dpo_speedup_vs_trl = {b / a:.2f}x (target >= "
+          f"{TARGETS['pairs_dpo_speedup_vs_trl']:g}x).")
+    return b / a, notes
+
+
 # ----------------------------------------------------------------------------- main
 
 def default_persona_dir() -> Path:
@@ -745,6 +982,12 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None, metavar="N",
                         help="torch.set_num_threads(N) first (default: torch's own default, "
                              "not changed); e.g. 1 on a machine shared with other jobs")
+    parser.add_argument("--pairs", type=Path, default=ROOT.parent / "shared" / "data" / "hh-rlhf"
+                        / "harmless-base-test.jsonl.gz", help="preference pairs of sections 4 "
+                        "and 5 (default ../shared/data/hh-rlhf/harmless-base-test.jsonl.gz)")
+    parser.add_argument("--only", choices=["all", "persona", "pairs"], default="all",
+                        help="persona: sections 1-3; pairs: sections 4-5 (skipped keys print "
+                             "nan; default all)")
     parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--memory-steps", type=int, default=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -775,16 +1018,28 @@ def main(argv=None) -> int:
     counts = parameter_counts(loaded.model)
     env = machine(args, loaded, counts)
     print(f"load_model(None): {load_s:.1f} s")
-    fraction = extraction_section(args, loaded, counts, env)
-    speedup, notes = dpo_section(args, loaded)
+    args.loaded = loaded
+    nan = float("nan")
+    fraction = speedup = memory = pairs_fraction = pairs_speedup = nan
+    notes = []
+    if args.only in ("all", "persona"):
+        fraction = extraction_section(args, loaded, counts, env)
+        speedup, notes = dpo_section(args, loaded)
+    if args.only in ("all", "pairs"):
+        pairs_fraction = pairs_extraction_section(args, loaded, counts, env)
+        pairs_speedup, more = pairs_dpo_section(args, loaded)
+        notes += more
     QUIET.close_task()  # close the last timed task; the memory job is not timed
-    memory = memory_section(args)
+    if args.only in ("all", "persona"):
+        memory = memory_section(args)
     print("\n" + "=" * 78)
-    got = {"extract_gemm_fraction": fraction, "dpo_speedup_vs_trl": speedup}
+    got = {"extract_gemm_fraction": fraction, "dpo_speedup_vs_trl": speedup,
+           "pairs_extract_gemm_fraction": pairs_fraction,
+           "pairs_dpo_speedup_vs_trl": pairs_speedup}
     for key, value in got.items():
         status = ("met" if value >= TARGETS[key] else "NOT met") if math.isfinite(value) else \
             "not measured"
-        print(f"{key:22s} = {sig(value):>6s}   target >= {TARGETS[key]:g}: {status}")
+        print(f"{key:27s} = {sig(value):>6s}   target >= {TARGETS[key]:g}: {status}")
     mem_status = ("met" if memory <= TARGETS["peak_memory_gb"] else "NOT met") \
         if math.isfinite(memory) else "not measured"
     print(f"{'peak_memory_gb':22s} = {sig(memory):>6s}   target <= "
@@ -794,7 +1049,8 @@ def main(argv=None) -> int:
     print(f"total benchmark time {now() - start:.1f} s; {contention.report()};\n"
           f"{QUIET.summary()}")
     print(f"bench_probes: extract_gemm_fraction={sig(fraction)} "
-          f"dpo_speedup_vs_trl={sig(speedup)}")
+          f"dpo_speedup_vs_trl={sig(speedup)} pairs_extract_gemm_fraction={sig(pairs_fraction)} "
+          f"pairs_dpo_speedup_vs_trl={sig(pairs_speedup)}")
     return 0
 
 

@@ -41,7 +41,7 @@ PROBES: dict[str, str] = {
 }
 """Probe name → module defining ``add_arguments(parser)`` and ``run(ctx)``."""
 
-PAIR_PROBES = ("features", "last-layer", "rlhf")
+PAIR_PROBES = ("features", "last-layer", "displacement", "rlhf")
 """The probes that also take ``--pairs`` (multi-token preference pairs, issue 14)."""
 
 PROBE_HELP: dict[str, str] = {

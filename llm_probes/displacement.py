@@ -40,6 +40,9 @@ per chosen answer here (``token_ches`` in ``displacement_run.json``).
 
 A higher CHES predicts a larger fall of ``log π(y_w)``, i.e. ρ(CHES, change) < 0.
 
+**Multi-token pairs** (``--pairs PATH``, :mod:`llm_probes.pair_displacement`): the
+same questions on real preference data, with CHES on the responses' own hidden states.
+
 Writes ``displacement.parquet``, ``displacement_statements.parquet``,
 ``displacement_tokens.parquet``, ``displacement_ches.parquet``,
 ``displacement_run.json`` and the figure. Shapes: ``n`` train statements, ``d``
@@ -64,8 +67,8 @@ from llm_probes.objective import chosen_rejected
 from llm_probes.training import peak_memory, release_policy, reset_peak_memory, train_dpo
 from synthetic.validation import check_integer
 
-__all__ = ["add_arguments", "check", "run", "ches_scores", "answer_states", "token_gains",
-           "trajectory_table", "ches_table", "TOP_TOKENS"]
+__all__ = ["add_arguments", "check", "check_model", "run", "ches_scores", "answer_states",
+           "token_gains", "trajectory_table", "ches_table", "TOP_TOKENS"]
 
 TOP_TOKENS = 20
 """Tokens kept per group in ``displacement_tokens.parquet``."""
@@ -208,23 +211,41 @@ def ches_table(statements: pd.DataFrame, *, seed: int, n_boot: int = 2000) -> pd
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``prefdyn probe displacement``."""
+    from llm_probes import pair_displacement
+
     add_training_arguments(parser, steps=20)
     parser.add_argument("--top-k", type=int, default=10,
                         help="largest per-statement probability increases counted per "
                         "token (default: 10)")
     parser.add_argument("--no-figure", action="store_true", help="write no figure")
+    pair_displacement.add_arguments(parser)
 
 
 def check(args) -> None:
     """Validate the options (one-line ParameterError naming the option)."""
+    from llm_probes import pair_displacement
     from llm_probes.finetune import check as check_training
 
     check_integer("--top-k", args.top_k, ge=1)
     check_training(args)
+    pair_displacement.check(args)
+
+
+def check_model(ctx) -> None:
+    """With ``--pairs``: the rules that need the tokenizer (:mod:`llm_probes.pair_displacement`)."""
+    if ctx.pairs is not None:
+        from llm_probes import pair_displacement
+
+        pair_displacement.check_model(ctx)
 
 
 def run(ctx) -> list[Path]:
-    """``prefdyn probe displacement`` (trains ``ctx.model`` in place like ``finetune``)."""
+    """``prefdyn probe displacement`` (trains ``ctx.model`` in place like ``finetune``;
+    with ``--pairs``, :func:`llm_probes.pair_displacement.run`)."""
+    if ctx.pairs is not None:
+        from llm_probes import pair_displacement
+
+        return pair_displacement.run(ctx)
     args = ctx.args
     top_k = check_integer("--top-k", args.top_k, ge=1)
     config = config_from_args(args, ctx.seed)

@@ -1,0 +1,249 @@
+"""DPO of the real model on multi-token preference pairs (issue 14).
+
+A pair is ``(x, y_w, y_l)`` as token ids (:func:`llm_probes.pairs.tokenize_pairs`).
+The sequence log-probability of a response ``y`` of ``L`` tokens after a prompt of
+``P`` tokens is
+
+    log π(y|x) = Σ_{k=1..L} log softmax(W h_{P−2+k})[y_k],
+
+with ``h_t`` the final hidden state at position ``t`` (after the norm) and ``W`` the
+output layer: the state that scores response token ``k`` sits at position ``P − 1 + k``
+counted from 0 for ``k`` from 0 (as in :mod:`llm_probes.pair_features`).
+
+:func:`sequence_logps` computes it for a batch of sequences, differentiably: the
+sequences are right-padded to the longest *of a length bucket*
+(:func:`llm_probes.pair_features.length_batches`), the decoder runs once per bucket,
+and the output layer and log-softmax run only on the response rows, ``_LOGIT_ROWS``
+rows at a time under activation checkpointing, so backward keeps the ``(R, d)`` states
+and recomputes one ``(rows, V)`` logit block at a time (never a ``(B, T, V)`` tensor).
+
+:func:`train_pair_dpo` is the loop: one optimiser step per minibatch of pairs on the
+mean of :func:`llm_probes.objective.single_token_dpo_loss` (the DPO loss, Rafailov et
+al. 2023 eq. 7, whatever the response length) with the reference log-probabilities
+``ref`` computed once from the frozen start model (:func:`pair_logps`), the policy
+from :func:`llm_probes.training.prepare_policy` (full or LoRA, seeded). It records
+per step the batch's loss and margin, and at the evaluation steps ``log π(y_w)`` and
+``log π(y_l)`` of every training pair.
+
+Shapes: ``n`` pairs, ``B`` a batch of pairs, ``R`` response tokens of a batch, ``d``
+the hidden width, ``V`` the vocabulary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from llm_probes.logprobs import base_model
+from llm_probes.model import _decoder
+from llm_probes.objective import single_token_dpo_loss
+from llm_probes.pair_features import length_batches
+from llm_probes.training import TrainConfig, _bar, _optimizer
+
+__all__ = ["PairData", "PairRun", "pair_data", "sequence_logps", "pair_logps",
+           "train_pair_dpo"]
+
+_LOGIT_ROWS = 256
+"""Response rows per output-layer block (``256 × V`` logits at a time)."""
+MAX_BATCH_TOKENS = 4096
+"""Padded tokens per decoder forward (``rows × longest``) in training and evaluation."""
+
+
+@dataclass(frozen=True)
+class PairData:
+    """Token ids of ``n`` pairs: ``prompts``, ``chosen``, ``rejected`` (lists of int
+    lists, responses non-empty) and ``pad_id`` (any id: padded positions are masked)."""
+
+    prompts: list
+    chosen: list
+    rejected: list
+    pad_id: int = 0
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+def pair_data(tokenized, tokenizer=None) -> PairData:
+    """:class:`PairData` of a :class:`llm_probes.pairs.TokenizedPairs`."""
+    f = tokenized.frame
+    pad = getattr(tokenizer, "pad_token_id", None) or 0
+    return PairData([list(map(int, p)) for p in f.prompt_ids],
+                    [list(map(int, c)) for c in f.chosen_ids],
+                    [list(map(int, r)) for r in f.rejected_ids], int(pad))
+
+
+def _block_logps(head: torch.nn.Module, states: torch.Tensor,
+                 targets: torch.Tensor) -> torch.Tensor:
+    """``log softmax(head(states))[targets]`` ``(rows,)``; ``states`` ``(rows, d)``."""
+    logits = head(states)                                       # (rows, V)
+    picked = logits.gather(-1, targets[:, None])[:, 0]
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+def sequence_logps(model, prompts: Sequence, responses: Sequence, *, pad_id: int = 0,
+                   max_batch_tokens: int = MAX_BATCH_TOKENS) -> torch.Tensor:
+    """``log π(responses[i] | prompts[i])`` ``(N,)`` in float64, differentiable when
+    grad is enabled (see the module docstring; under ``torch.no_grad`` nothing is
+    kept). ``prompts[i]`` non-empty, ``responses[i]`` non-empty (token ids).
+
+    Sequences are bucketed by length (at most ``max_batch_tokens`` padded tokens a
+    forward) and right-padded; each response token's log-probability comes from the
+    state at the position before it, in the model's dtype, and is summed per response
+    in float64."""
+    device = next(model.parameters()).device
+    head = base_model(model).get_output_embeddings()
+    decoder = _decoder(model)
+    lengths = np.array([len(p) + len(r) for p, r in zip(prompts, responses)])
+    out: list[torch.Tensor | None] = [None] * len(prompts)
+    for batch in length_batches(lengths, len(lengths), max_batch_tokens):
+        longest = int(lengths[batch].max())
+        ids = torch.full((len(batch), longest), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), longest), dtype=torch.long)
+        rows, cols, targets = [], [], []
+        for j, i in enumerate(batch):
+            p, r = prompts[i], responses[i]
+            ids[j, :len(p) + len(r)] = torch.as_tensor(list(p) + list(r))
+            mask[j, :len(p) + len(r)] = 1
+            rows.append(np.full(len(r), j))
+            cols.append(np.arange(len(p) - 1, len(p) - 1 + len(r)))
+            targets.append(np.asarray(r))
+        hidden = decoder(input_ids=ids.to(device), attention_mask=mask.to(device),
+                         use_cache=False).last_hidden_state      # (b, T, d), after the norm
+        rows_t = torch.as_tensor(np.concatenate(rows), device=device)
+        picked = hidden[rows_t, torch.as_tensor(np.concatenate(cols), device=device)]  # (R, d)
+        del hidden
+        target = torch.as_tensor(np.concatenate(targets), dtype=torch.long, device=device)
+        blocks = []
+        for start in range(0, len(target), _LOGIT_ROWS):
+            part = slice(start, start + _LOGIT_ROWS)
+            if torch.is_grad_enabled() and picked.requires_grad:
+                # Backward recomputes this block's logits instead of keeping (rows, V).
+                blocks.append(checkpoint(_block_logps, head, picked[part], target[part],
+                                         use_reentrant=False))
+            else:
+                blocks.append(_block_logps(head, picked[part], target[part]))
+        per_token = torch.cat(blocks).double()                  # (R,)
+        sums = torch.zeros(len(batch), dtype=torch.float64, device=device)
+        sums = sums.index_add(0, rows_t, per_token)             # (b,)
+        for j, i in enumerate(batch):
+            out[i] = sums[j]
+    return torch.stack(out)
+
+
+def pair_logps(model, data: PairData, index=None, *,
+               max_batch_tokens: int = MAX_BATCH_TOKENS) -> torch.Tensor:
+    """``(n, 2)`` float64 on the CPU: ``log π(y_w|x)``, ``log π(y_l|x)`` of the pairs
+    ``index`` (default all), without gradients, in eval mode."""
+    index = np.arange(len(data)) if index is None else np.asarray(index, dtype=np.int64)
+    prompts = [data.prompts[i] for i in index]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            values = sequence_logps(model, prompts * 2, [data.chosen[i] for i in index]
+                                    + [data.rejected[i] for i in index], pad_id=data.pad_id,
+                                    max_batch_tokens=max_batch_tokens)
+    finally:
+        model.train(was_training)
+    return values.cpu().view(2, len(index)).T.contiguous()
+
+
+@dataclass
+class PairRun:
+    """What :func:`train_pair_dpo` measured.
+
+    ``steps``: one row per optimiser step (``step``, ``t = lr · step``, ``loss``,
+    ``margin`` = mean ``β h`` of the batch before its update, ``accuracy`` = share of
+    the batch with ``h > 0``); ``evals``: step → ``(n_train, 2)`` log π(y_w), log π(y_l)
+    of the training pairs (rows in ``index`` order) at step 0, every ``eval_every``
+    steps and the last."""
+
+    steps: pd.DataFrame
+    evals: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def table(self, index) -> pd.DataFrame:
+        """Long table: one row per evaluation step × training pair (``pair`` = the
+        position in the data) with ``logp_chosen``, ``logp_rejected``."""
+        index = np.asarray(index)
+        frames = [pd.DataFrame({"step": step, "pair": index, "logp_chosen": v[:, 0].numpy(),
+                                "logp_rejected": v[:, 1].numpy()})
+                  for step, v in sorted(self.evals.items())]
+        return pd.concat(frames, ignore_index=True)
+
+
+def _epochs(index: np.ndarray, size: int, generator: torch.Generator):
+    """Endless minibatches of ``index``: a fresh permutation each epoch."""
+    size = min(size, len(index))
+    while True:
+        order = index[torch.randperm(len(index), generator=generator).numpy()]
+        for start in range(0, len(order) - size + 1, size):
+            yield order[start:start + size]
+
+
+def train_pair_dpo(policy, data: PairData, ref: torch.Tensor, config: TrainConfig, *,
+                   index=None, start: torch.Tensor | None = None, progress: bool = False,
+                   on_eval: Callable[[int, torch.Tensor], None] | None = None,
+                   max_batch_tokens: int = MAX_BATCH_TOKENS) -> PairRun:
+    """DPO of ``policy`` on the pairs ``index`` (default all) of ``data``.
+
+    ``ref (n, 2)``: the reference log π(y_w), log π(y_l) of *every* pair of ``data``
+    (:func:`pair_logps` of the start model, once). ``start (len(index), 2)``: the
+    policy's own values at step 0 if known (``ref[index]`` when the policy is the
+    reference); else evaluated. Each step draws ``config.batch_size`` pairs (a new
+    permutation per epoch from ``config.seed``), computes the ``2B`` sequence
+    log-probabilities in one graph (:func:`sequence_logps`) and takes one optimiser
+    step on the mean DPO loss. ``on_eval(step, logps)`` sees every evaluation."""
+    index = np.arange(len(data)) if index is None else np.asarray(index, dtype=np.int64)
+    ref = ref.double().cpu()
+    device = next(policy.parameters()).device
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = _optimizer(config.optimizer, params, config.lr)
+    optimizer.zero_grad(set_to_none=True)
+    generator = torch.Generator().manual_seed(config.seed)
+    batches = _epochs(index, config.batch_size, generator)
+    beta = config.beta
+    run = PairRun(pd.DataFrame())
+
+    def evaluate(step: int, known=None) -> None:
+        values = known.double().cpu() if known is not None else pair_logps(
+            policy, data, index, max_batch_tokens=max_batch_tokens)
+        run.evals[step] = values
+        if on_eval is not None:
+            on_eval(step, values)
+
+    evaluate(0, start)
+    rows = []
+    policy.eval()  # no dropout: the loss is a deterministic function of the weights
+    bar = _bar(config.steps, "dpo", progress)
+    try:
+        for step in range(1, config.steps + 1):
+            batch = next(batches)
+            prompts = [data.prompts[i] for i in batch]
+            logps = sequence_logps(policy, prompts * 2, [data.chosen[i] for i in batch]
+                                   + [data.rejected[i] for i in batch], pad_id=data.pad_id,
+                                   max_batch_tokens=max_batch_tokens)   # (2B,)
+            chosen, rejected = logps.view(2, len(batch))
+            ref_b = ref[batch].to(device)
+            loss = single_token_dpo_loss(chosen, rejected, ref_b[:, 0], ref_b[:, 1],
+                                         beta=beta)                      # (B,)
+            h = ((chosen - ref_b[:, 0]) - (rejected - ref_b[:, 1])).detach()
+            loss.mean().backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            rows.append(dict(step=step, t=config.lr * step, loss=float(loss.detach().mean()),
+                             margin=float(beta * h.mean()),
+                             accuracy=float((h > 0).double().mean())))
+            del logps, chosen, rejected, loss
+            if step % config.eval_every == 0 or step == config.steps:
+                evaluate(step)
+            bar.update(1)
+    finally:
+        bar.close()
+        optimizer.zero_grad(set_to_none=True)
+    run.steps = pd.DataFrame(rows)
+    return run
