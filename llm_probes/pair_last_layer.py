@@ -52,7 +52,8 @@ import torch
 from synthetic.validation import ParameterError, check_number
 
 __all__ = ["PairStates", "WholeLayer", "MarginObjective", "pair_objective", "pair_objectives",
-           "gauss_newton_limit", "one_step_kernel", "split_pairs", "run", "PROBS_BUDGET"]
+           "gauss_newton_limit", "one_step_kernel", "split_pairs", "pair_states", "run",
+           "PROBS_BUDGET"]
 
 PROBS_BUDGET = 4 * 2**30
 """Bytes the per-token next-token distributions of a run may take (kept for a step)."""
@@ -435,6 +436,18 @@ def _states(ctx, index: np.ndarray) -> tuple[dict, float]:
     return out, time.perf_counter() - tick
 
 
+def pair_states(states: dict, n: int, m: int) -> PairStates:
+    """:class:`PairStates` of :func:`_states`'s output for ``n`` train then ``m`` test
+    pairs (responses there: the chosen of all pairs, then the rejected of all)."""
+    order = np.r_[np.arange(n), n + m + np.arange(n), n + np.arange(m),
+                  2 * n + m + np.arange(m)]  # chosen/rejected of train, then of test
+    rows = np.concatenate([np.arange(states["offsets"][r], states["offsets"][r + 1])
+                           for r in order])
+    return PairStates(torch.as_tensor(states["states"][rows]),
+                      torch.as_tensor(states["targets"][rows]),
+                      np.r_[0, np.cumsum(states["tokens"][order])], n, m)
+
+
 def _bar(total: int, enabled: bool, desc: str, unit: str):
     from llm_probes.features import _progress
 
@@ -493,14 +506,7 @@ def run(ctx) -> list[Path]:
         raise ParameterError("--max-pairs", n_pairs, "must leave at least one train pair")
     states, extract_seconds = _states(ctx, np.r_[train_index, test_index])
     n, m = len(train_index), len(test_index)
-    order = np.r_[np.arange(n), n + m + np.arange(n), n + np.arange(m),
-                  2 * n + m + np.arange(m)]  # chosen/rejected of train, then of test
-    counts = states["tokens"][order]
-    rows = np.concatenate([np.arange(states["offsets"][r], states["offsets"][r + 1])
-                           for r in order])
-    data = PairStates(torch.as_tensor(states["states"][rows]),
-                      torch.as_tensor(states["targets"][rows]), np.r_[0, np.cumsum(counts)],
-                      n, m)
+    data = pair_states(states, n, m)
     w0 = loaded.model.get_output_embeddings().weight.detach().float()
     model = WholeLayer(w0, data, beta=args.beta, objective=args.objective)
     limit = gauss_newton_limit(model)

@@ -423,8 +423,8 @@ def _run_pairs(ctx) -> list[Path]:
     from figures.probe_rlhf import plot_pairs
     from llm_probes.features import _progress
     from llm_probes.last_layer import choose_lr, stability_limit
-    from llm_probes.pair_last_layer import (PairStates, WholeLayer, _states, gauss_newton_limit,
-                                            pair_objective, split_pairs)
+    from llm_probes.pair_last_layer import (WholeLayer, _states, gauss_newton_limit,
+                                            pair_objective, pair_states, split_pairs)
     from synthetic.sampling import PreferenceSample
 
     args = ctx.args
@@ -455,14 +455,7 @@ def _run_pairs(ctx) -> list[Path]:
     psi = rm.final[0, 0].double()
     reward_gap = gap[:n].double() @ psi  # r(y_w) − r(y_l) on the train pairs
 
-    order = np.r_[np.arange(n), n + m + np.arange(n), n + np.arange(m),
-                  2 * n + m + np.arange(m)]
-    counts = states["tokens"][order]
-    rows = np.concatenate([np.arange(states["offsets"][r], states["offsets"][r + 1])
-                           for r in order])
-    data = PairStates(torch.as_tensor(states["states"][rows]),
-                      torch.as_tensor(states["targets"][rows]), np.r_[0, np.cumsum(counts)],
-                      n, m)
+    data = pair_states(states, n, m)
     w0 = loaded.model.get_output_embeddings().weight.detach().float()
     models = {
         "dpo": WholeLayer(w0, data, beta=args.beta, objective="dpo"),

@@ -320,3 +320,21 @@ def test_the_probe_on_real_pairs(tmp_path, loaded_model, capsys):  # noqa: F811
                        str(over)]) == 2
     assert "must be < 2/λ, λ the Gauss-Newton curvature at W0" in one_line(capsys)
     assert not any(over.glob("*"))
+
+
+def test_pair_states_orders_train_chosen_rejected_then_test():
+    """Responses arrive as the chosen of all pairs then the rejected of all; each row of
+    the states holds its response's index, so the order can be read back."""
+    from llm_probes.pair_last_layer import pair_states
+
+    n, m = 2, 1
+    tokens = np.array([1, 2, 3, 2, 1, 2])  # chosen of pairs 0, 1, 2; rejected of 0, 1, 2
+    offsets = np.r_[0, np.cumsum(tokens)]
+    owner = np.repeat(np.arange(6), tokens)
+    states = {"states": owner[:, None].astype(np.float32) * np.ones((1, 3), np.float32),
+              "targets": owner, "tokens": tokens, "offsets": offsets}
+    data = pair_states(states, n, m)
+    want = [0, 1, 3, 4, 2, 5]  # train chosen, train rejected, test chosen, test rejected
+    got = [int(data.states[data.offsets[r], 0]) for r in range(data.responses)]
+    assert got == want and list(np.diff(data.offsets)) == list(tokens[want])
+    assert data.train_rows == tokens[[0, 1, 3, 4]].sum()
