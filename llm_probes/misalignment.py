@@ -25,6 +25,7 @@ run), ``misalignment_features.parquet``, ``misalignment_run.json`` and the figur
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from pathlib import Path
 
@@ -38,9 +39,12 @@ from llm_probes.objective import feature_statistics
 from llm_probes.training import peak_memory, release_policy, reset_peak_memory, train_dpo
 from synthetic.validation import check_integer
 
-__all__ = ["add_arguments", "check", "run", "STARTS"]
+__all__ = ["add_arguments", "check", "run", "STARTS", "LEVELS", "steps_to", "seed_table",
+           "seed_summary", "summarize_runs"]
 
 STARTS = ("base", "aligned")
+LEVELS = (0.5, 0.9)
+"""Flipped accuracies whose first crossing :func:`seed_table` reports."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -87,7 +91,7 @@ def run(ctx) -> list[Path]:
         policy = policy_from_args(loaded, args, copy_model=full, seed=ctx.seed)
         try:
             frame = train_dpo(policy, flipped, ref, config, start=ref, phase="flip",
-                              progress=ctx.progress)
+                              progress=ctx.progress, test_every_eval=True)
             hidden["flipped from base"] = evaluate(policy, data, everything, batch_size=batch,
                                                    hidden=True).hidden
         finally:
@@ -104,7 +108,8 @@ def run(ctx) -> list[Path]:
             hidden["aligned"] = evaluate(policy, data, everything, batch_size=batch,
                                          hidden=True).hidden
             frames.append(train_dpo(policy, flipped, ref, config, phase="flip",
-                                    progress=ctx.progress).assign(start="aligned"))
+                                    progress=ctx.progress, test_every_eval=True
+                                    ).assign(start="aligned"))
             hidden["flipped from aligned"] = evaluate(policy, data, everything,
                                                       batch_size=batch, hidden=True).hidden
         finally:
@@ -139,3 +144,102 @@ def run(ctx) -> list[Path]:
 
         files.extend(plot(out))
     return files
+
+
+# ------------------------------------------------------------ several seeds together
+
+
+def steps_to(steps, accuracy, level: float) -> float:
+    """The first step at which ``accuracy`` reaches ``level``: 0 if it starts there,
+    linearly interpolated between the two recorded steps around the crossing, NaN if
+    it never does."""
+    steps, accuracy = np.asarray(steps, dtype=np.float64), np.asarray(accuracy, np.float64)
+    above = np.flatnonzero(accuracy >= level)
+    if not len(above):
+        return math.nan
+    k = int(above[0])
+    if k == 0:
+        return 0.0
+    a0, a1 = accuracy[k - 1], accuracy[k]
+    return float(steps[k - 1] + (level - a0) / (a1 - a0) * (steps[k] - steps[k - 1]))
+
+
+def seed_table(frames: dict, levels=LEVELS) -> pd.DataFrame:
+    """Per seed (``frames``: seed → ``misalignment.parquet``), start, split (train or
+    test), metric (``accuracy``: the model's own choice; ``reward_accuracy``: the
+    implicit reward's) and level: the steps of the flipped phase until the mean over
+    behaviors reaches the level (:func:`steps_to`), and the final value."""
+    rows = []
+    for seed, frame in frames.items():
+        flip = frame[frame["phase"] == "flip"]
+        for (start, split), part in flip.groupby(["start", "source"], observed=True):
+            if split not in ("train", "test"):
+                continue
+            for metric in ("accuracy", "reward_accuracy"):
+                curve = part.groupby("step")[metric].mean()
+                for level in levels:
+                    rows.append(dict(seed=seed, start=str(start), split=split, metric=metric,
+                                     level=level, steps_to=steps_to(curve.index, curve.values,
+                                                                    level),
+                                     final=float(curve.iloc[-1]), recorded=len(curve)))
+    return pd.DataFrame(rows)
+
+
+def _t_interval(values) -> tuple[float, float, float]:
+    from scipy import stats
+
+    values = np.asarray(values, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    if len(values) == 0:
+        return math.nan, math.nan, math.nan
+    mean = float(values.mean())
+    if len(values) < 2:
+        return mean, math.nan, math.nan
+    half = float(stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1)
+                 / math.sqrt(len(values)))
+    return mean, mean - half, mean + half
+
+
+def seed_summary(table: pd.DataFrame) -> pd.DataFrame:
+    """Per split, metric and level: each start's mean steps with a 95% t interval over
+    the seeds that reached the level (``reached`` of ``seeds``), and the paired
+    difference base − aligned over the seeds where both did (positive: the aligned
+    model is misaligned faster)."""
+    rows = []
+    for (split, metric, level), part in table.groupby(["split", "metric", "level"]):
+        wide = part.pivot_table(index="seed", columns="start", values="steps_to",
+                                dropna=False)
+        row = dict(split=split, metric=metric, level=level, seeds=int(len(wide)))
+        for start in STARTS:
+            column = wide[start] if start in wide else pd.Series(dtype=float)
+            mean, low, high = _t_interval(column)
+            row.update({f"{start}_steps": mean, f"{start}_low": low, f"{start}_high": high,
+                        f"{start}_reached": int(np.isfinite(column).sum())})
+        if all(start in wide for start in STARTS):
+            diff = (wide["base"] - wide["aligned"]).to_numpy()
+            row["difference"], row["difference_low"], row["difference_high"] = \
+                _t_interval(diff)
+            row["paired_seeds"] = int(np.isfinite(diff).sum())
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def summarize_runs(directories) -> dict[str, pd.DataFrame]:
+    """``seeds`` (:func:`seed_table`), ``summary`` (:func:`seed_summary`) and
+    ``features`` (each stage's mean distinguishability over behaviors, with a 95% t
+    interval over the runs) of several ``prefdyn probe misalignment`` output
+    directories, one per seed, e.g. ``--seed 0 … 4`` into ``runs/seed0`` … ``runs/seed4``."""
+    directories = [Path(d) for d in directories]
+    frames = {i: pd.read_parquet(d / "misalignment.parquet") for i, d in enumerate(directories)}
+    table = seed_table(frames)
+    feature_rows = []
+    per_run = [pd.read_parquet(d / "misalignment_features.parquet").assign(run=i)
+               for i, d in enumerate(directories)]
+    features = pd.concat(per_run, ignore_index=True)
+    stage_means = features.groupby(["run", "stage"], observed=True)["distinguishability"].mean()
+    for stage, values in stage_means.groupby(level="stage", observed=True, sort=False):
+        mean, low, high = _t_interval(values.to_numpy())
+        feature_rows.append(dict(stage=str(stage), distinguishability=mean, ci_low=low,
+                                 ci_high=high, runs=int(len(values))))
+    return {"seeds": table, "summary": seed_summary(table),
+            "features": pd.DataFrame(feature_rows)}

@@ -176,7 +176,8 @@ def _batches(index: np.ndarray, size: int, generator: torch.Generator):
 def train_dpo(policy, data: PreferenceData, ref: torch.Tensor, config: TrainConfig, *,
               start: torch.Tensor | None = None, phase: str = "dpo",
               progress: bool = False,
-              on_eval: Callable[[int, Evaluation], None] | None = None) -> pd.DataFrame:
+              on_eval: Callable[[int, Evaluation], None] | None = None,
+              test_every_eval: bool = False) -> pd.DataFrame:
     """DPO of ``policy`` on ``data.train``; the tidy metrics table.
 
     ``ref (N, 2)``: reference log π(Yes), log π(No) of every statement, computed once
@@ -187,8 +188,9 @@ def train_dpo(policy, data: PreferenceData, ref: torch.Tensor, config: TrainConf
     optimiser step on the mean of :func:`single_token_dpo_loss`. Metrics of all train
     statements at step 0 and every ``eval_every`` steps (``source="train"``), of the
     test statements at the first and last step (``"test"``), and of each batch before
-    its update (``"batch"``). ``on_eval(step, evaluation)`` sees every train
-    evaluation (rows in ``data.train`` order).
+    its update (``"batch"``); with ``test_every_eval``, the test statements too at every
+    train evaluation. ``on_eval(step, evaluation)`` sees every train evaluation (rows in
+    ``data.train`` order).
     """
     device = next(policy.parameters()).device
     params = [p for p in policy.parameters() if p.requires_grad]
@@ -239,6 +241,8 @@ def train_dpo(policy, data: PreferenceData, ref: torch.Tensor, config: TrainConf
                 result = full_eval(step, data.train, "train")
                 if on_eval is not None:
                     on_eval(step, result)
+                if test_every_eval and len(data.test) and step < config.steps:
+                    full_eval(step, data.test, "test")  # the last step's comes below
             bar.update(1)
     finally:
         bar.close()
