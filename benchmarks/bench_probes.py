@@ -464,6 +464,20 @@ def our_run(loaded, setup: dict, steps: int) -> dict:
             "seconds": seconds, "others": others.share}
 
 
+def record_losses(trainer) -> list[float]:
+    """The list a TRL trainer's ``compute_loss`` appends each step's loss to, from now on."""
+    losses, compute_loss = [], trainer.compute_loss
+
+    def recording(model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss = compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        value = loss[0] if isinstance(loss, tuple) else loss
+        losses.append(float(value.detach()))
+        return loss
+
+    trainer.compute_loss = recording
+    return losses
+
+
 def trl_run(loaded, statements, steps: int, precompute: bool) -> dict:
     """TRL's DPOTrainer on the same statements; per-step losses and times."""
     from datasets import Dataset
@@ -518,16 +532,7 @@ def trl_run(loaded, statements, steps: int, precompute: bool) -> dict:
             w, lo = (loaded.yes_id, loaded.no_id) if s > 0 else (loaded.no_id, loaded.yes_id)
             same_answer += (row["chosen_ids"] == [w, tok.eos_token_id]
                             and row["rejected_ids"] == [lo, tok.eos_token_id])
-        losses = []
-        compute_loss = trainer.compute_loss
-
-        def recording(model, inputs, return_outputs=False, num_items_in_batch=None):
-            loss = compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            value = loss[0] if isinstance(loss, tuple) else loss
-            losses.append(float(value.detach()))
-            return loss
-
-        trainer.compute_loss = recording
+        losses = record_losses(trainer)
         clock = Clock()
         trainer.add_callback(clock)
         QUIET()
@@ -883,16 +888,7 @@ def pairs_trl_run(loaded, data, steps: int) -> dict:
         policy = copy.deepcopy(loaded.model)
         trainer = Given(model=policy, ref_model=None, args=config, train_dataset=dataset,
                         processing_class=loaded.tokenizer)
-        losses = []
-        compute_loss = trainer.compute_loss
-
-        def recording(model, inputs, return_outputs=False, num_items_in_batch=None):
-            loss = compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            value = loss[0] if isinstance(loss, tuple) else loss
-            losses.append(float(value.detach()))
-            return loss
-
-        trainer.compute_loss = recording
+        losses = record_losses(trainer)
         clock = Clock()
         trainer.add_callback(clock)
         QUIET()

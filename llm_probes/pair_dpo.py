@@ -43,7 +43,7 @@ from llm_probes.logprobs import base_model
 from llm_probes.model import _decoder
 from llm_probes.objective import single_token_dpo_loss
 from llm_probes.pair_features import length_batches
-from llm_probes.training import TrainConfig, _bar, _optimizer
+from llm_probes.training import TrainConfig, _bar, _batches, _optimizer
 
 __all__ = ["PairData", "PairRun", "pair_data", "sequence_logps", "pair_logps",
            "train_pair_dpo"]
@@ -176,15 +176,6 @@ class PairRun:
         return pd.concat(frames, ignore_index=True)
 
 
-def _epochs(index: np.ndarray, size: int, generator: torch.Generator):
-    """Endless minibatches of ``index``: a fresh permutation each epoch."""
-    size = min(size, len(index))
-    while True:
-        order = index[torch.randperm(len(index), generator=generator).numpy()]
-        for start in range(0, len(order) - size + 1, size):
-            yield order[start:start + size]
-
-
 def train_pair_dpo(policy, data: PairData, ref: torch.Tensor, config: TrainConfig, *,
                    index=None, start: torch.Tensor | None = None, progress: bool = False,
                    on_eval: Callable[[int, torch.Tensor], None] | None = None,
@@ -205,7 +196,7 @@ def train_pair_dpo(policy, data: PairData, ref: torch.Tensor, config: TrainConfi
     optimizer = _optimizer(config.optimizer, params, config.lr)
     optimizer.zero_grad(set_to_none=True)
     generator = torch.Generator().manual_seed(config.seed)
-    batches = _epochs(index, config.batch_size, generator)
+    batches = _batches(index, config.batch_size, generator)
     beta = config.beta
     run = PairRun(pd.DataFrame())
 
