@@ -831,7 +831,7 @@ def pairs_our_run(loaded, data, ref, steps: int) -> dict:
                           optimizer="adamw", eval_every=NEVER, seed=0)
     policy = prepare_policy(loaded, "full", copy_model=True)
     stamps: list[float] = []
-    original = pair_dpo._epochs
+    original = pair_dpo._batches
 
     def stamped(*a, **k):
         for batch in original(*a, **k):
@@ -840,12 +840,12 @@ def pairs_our_run(loaded, data, ref, steps: int) -> dict:
             yield np.sort(batch)  # TRL's sequential order: pairs 0..B-1 in each step
 
     QUIET()
-    pair_dpo._epochs = stamped
+    pair_dpo._batches = stamped
     try:
         with Others() as others:
             run = pair_dpo.train_pair_dpo(policy, data, ref, config, start=ref)
     finally:
-        pair_dpo._epochs = original
+        pair_dpo._batches = original
     del policy
     gc.collect()
     return {"step_times": np.diff(np.array(stamps[1:])), "losses": run.steps.loss.tolist(),
