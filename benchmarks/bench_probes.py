@@ -39,14 +39,18 @@ The default model (SmolLM2-135M-Instruct, ``load_model(None)``) on real persona 
    for a few steps; ``llm_probes.training.peak_memory()`` (VmHWM of that process; on CUDA
    also torch's allocator peak).
 
-4. ``pairs_extract_gemm_fraction``: ``llm_probes.pair_features.response_features`` (its
-   default batching: length-bucketed, right-padded) on HH-RLHF pairs (``--pairs``; 128, 32
-   with ``--quick``; budgets 128 prompt / 64 response tokens): every prompt + response,
-   chosen and rejected. FLOPs counted on real tokens only: ``2 × non-embedding`` per
-   token plus ``2 × output-layer parameters`` per response token (the log-softmax rows);
-   against the square matmul rate as in 1 (the layer-GEMM rate printed beside it).
+4. ``pairs_extract_gemm_fraction``: ``llm_probes.pair_features.shared_prompt_features``
+   (what the pair probes call: each pair one row ``x + y_w + y_l``, the prompt read once,
+   rows length-bucketed and right-padded) on HH-RLHF pairs (``--pairs``; 128, 32 with
+   ``--quick``; budgets 128 prompt / 64 response tokens). FLOPs counted on the tokens
+   the answer needs, ``P + C + R`` a pair (a prompt counts once: reading it twice is
+   not work the answer needs): ``2 × non-embedding`` per token plus ``2 × output-layer
+   parameters`` per response token (the log-softmax rows); against the square matmul
+   rate as in 1 (the layer-GEMM rate printed beside it). Also timed, for the speed-up of
+   reading the prompt once: ``response_features`` on the ``2n`` sequences ``x + y``.
 5. ``pairs_dpo_speedup_vs_trl``: one full-fine-tuning multi-token DPO step of ours
-   (``llm_probes.pair_dpo.train_pair_dpo``) against TRL's ``DPOTrainer`` with
+   (``llm_probes.pair_dpo.train_pair_dpo``: the prompt read once per pair, see
+   :mod:`llm_probes.packing`) against TRL's ``DPOTrainer`` with
    ``precompute_ref_log_probs=True`` on the same 8 pairs (budgets 64 / 32 tokens) as one
    batch, same settings as 2. Both train on the same token ids: TRL's dataset preparation
    (which would tokenize prompt + completion together and append EOS) is bypassed by
@@ -757,47 +761,60 @@ def bench_pairs(args, n: int, budgets=PAIR_BUDGETS):
 
 
 def pairs_extraction_section(args, loaded, counts, env) -> float:
-    from llm_probes.pair_features import length_batches, response_features
+    from llm_probes.pair_features import (
+        length_batches, response_features, shared_prompt_features,
+    )
+    from llm_probes.packing import supports_packing
 
-    heading("4. pairs_extract_gemm_fraction: pair_features.response_features on HH-RLHF pairs")
+    heading("4. pairs_extract_gemm_fraction: pair_features.shared_prompt_features on HH-RLHF "
+            "pairs")
     n = 32 if args.quick else 128
     tok = bench_pairs(args, n)
     f = tok.frame
-    prompts = list(f.prompt_ids) * 2
-    responses = list(f.chosen_ids) + list(f.rejected_ids)
-    lengths = np.array([len(p) + len(r) for p, r in zip(prompts, responses)])
-    answer = int(sum(len(r) for r in responses))
-    real = int(lengths.sum())
+    prompts, chosen, rejected = list(f.prompt_ids), list(f.chosen_ids), list(f.rejected_ids)
+    rows = np.array([len(p) + len(c) + len(r) for p, c, r in zip(prompts, chosen, rejected)])
+    two = np.r_[[len(p) + len(c) for p, c in zip(prompts, chosen)],
+                [len(p) + len(r) for p, r in zip(prompts, rejected)]]
+    answer = int(sum(len(c) + len(r) for c, r in zip(chosen, rejected)))
+    real = int(rows.sum())
     head = counts["head"] or counts["embedding"]
     flops = 2 * counts["non_embedding"] * real + 2 * head * answer
-    default = inspect.signature(response_features).parameters
+    default = inspect.signature(shared_prompt_features).parameters
     size, budget = default["batch_size"].default, default["max_batch_tokens"].default
-    batches = length_batches(lengths, size, budget)
-    padded = int(sum(len(b) * lengths[b].max() for b in batches))
-    print(f"{len(f)} pairs = {len(prompts)} sequences (budgets {PAIR_BUDGETS[0]} prompt / "
-          f"{PAIR_BUDGETS[1]} response tokens), {int(lengths.min())}-{int(lengths.max())} "
-          f"tokens (mean {lengths.mean():.1f}); {real} real tokens, {answer} of them "
-          f"response tokens.\nFLOPs counted: 2 x {counts['non_embedding'] / 1e6:.1f} M "
-          f"non-embedding parameters per real token + 2 x {head / 1e6:.1f} M output-layer "
-          f"parameters per response token = {flops / 1e12:.3f} TFLOP per pass (padding "
-          f"excluded).\nresponse_features defaults: batch {size}, max_batch_tokens "
-          f"{budget}: {len(batches)} forwards, padding {padded / real - 1:.1%}.")
+    batches = length_batches(rows, size, budget)
+    padded = int(sum(len(b) * rows[b].max() for b in batches))
+    print(f"{len(f)} pairs (budgets {PAIR_BUDGETS[0]} prompt / {PAIR_BUDGETS[1]} response "
+          f"tokens), rows x + y_w + y_l of {int(rows.min())}-{int(rows.max())} tokens (mean "
+          f"{rows.mean():.1f}); {real} tokens the answer needs ({int(two.sum())} as 2 x "
+          f"{len(f)} sequences x + y), {answer} of them response tokens; packing "
+          f"{'on' if supports_packing(loaded.model) else 'OFF (the model failed the check)'}."
+          f"\nFLOPs counted: 2 x {counts['non_embedding'] / 1e6:.1f} M non-embedding "
+          f"parameters per needed token + 2 x {head / 1e6:.1f} M output-layer parameters per "
+          f"response token = {flops / 1e12:.3f} TFLOP per pass (padding excluded).\n"
+          f"shared_prompt_features defaults: {size} rows, max_batch_tokens {budget}: "
+          f"{len(batches)} forwards, padding {padded / real - 1:.1%}.")
     shapes = layer_shapes(loaded.model)
     layer_rate = layer_gemm(max(1, padded // len(batches)), shapes)
-    response_features(loaded, prompts[:size], responses[:size])  # warm-up
+    shared_prompt_features(loaded, prompts[:size], chosen[:size], rejected[:size])  # warm-up
     rounds = 1 if args.quick else 3
-    times, others, square, layer = [], [], [], []
+    times, seq_times, others, square, layer = [], [], [], [], []
     for _ in range(rounds):
         QUIET()
         with Others() as o:
             sync()
             t0 = now()
-            got = response_features(loaded, prompts, responses)
+            got = shared_prompt_features(loaded, prompts, chosen, rejected)
             sync()
             times.append(now() - t0)
         others.append(o.share)
-        if got["sum"].shape[0] != len(prompts):
-            raise RuntimeError("response_features returned the wrong number of rows")
+        if got["sum"].shape[0] != 2 * len(prompts):
+            raise RuntimeError("shared_prompt_features returned the wrong number of rows")
+        QUIET()
+        sync()
+        t0 = now()
+        response_features(loaded, prompts * 2, chosen + rejected)
+        sync()
+        seq_times.append(now() - t0)
         layer.append(layer_rate())
         QUIET()
         square.append(env["square"]())
@@ -805,15 +822,17 @@ def pairs_extraction_section(args, loaded, counts, env) -> float:
     best = min(times)
     rate = flops / best
     lrate = max(layer)
-    table("response_features, per pass over all sequences",
-          ["best", "med", "others", "tokens/s", "GFLOP/s", "layer GEMM", "vs layer",
-           "vs square"],
+    table("shared_prompt_features, per pass over all pairs",
+          ["best", "med", "others", "pairs/s", "GFLOP/s", "layer GEMM", "vs layer",
+           "vs square", "2 sequences", "speed-up"],
           [[fmt_t(best), fmt_t(float(np.median(times))), f"{others[int(np.argmin(times))]:.0%}",
-            f"{real / best:.0f}", f"{rate / 1e9:.1f}", f"{lrate / 1e9:.1f}",
-            f"{rate / lrate:.2f}", f"{rate / peak:.2f}"]],
+            f"{len(f) / best:.2f}", f"{rate / 1e9:.1f}", f"{lrate / 1e9:.1f}",
+            f"{rate / lrate:.2f}", f"{rate / peak:.2f}", fmt_t(min(seq_times)),
+            f"{min(seq_times) / best:.2f}x"]],
           f"vs square = GFLOP/s / float32 matmul {env['size']}^3 at {peak / 1e9:.1f} GFLOP/s "
           f"(the headline, as extract_gemm_fraction); vs layer = against F.linear of the "
-          f"layer's weights at the mean padded rows of one forward.")
+          f"layer's weights at the mean padded rows of one forward; 2 sequences = "
+          f"response_features on x + y_w and x + y_l (best), speed-up = that / best.")
     print(f"\nHeadline: pairs_extract_gemm_fraction = {rate / peak:.2f} (target >= "
           f"{TARGETS['pairs_extract_gemm_fraction']}).")
     return rate / peak

@@ -3,7 +3,7 @@ multi-token preference pairs (Razin et al. 2024, arXiv:2410.08847; THEORY §4.5)
 
 1. **CHES** (their Definition 2) of every pair from the model *before* training, on
    the hidden states that score the responses' tokens
-   (:func:`llm_probes.pair_features.response_features` gives the sums
+   (:func:`llm_probes.pair_features.shared_prompt_features` gives the sums
    ``S_w = Σ_k h_{x,y_w<k}`` and ``S_l = Σ_k h_{x,y_l<k}``):
 
        CHES_x(y_w, y_l)    = ⟨S_w, S_l⟩ − ‖S_w‖²,
@@ -217,7 +217,7 @@ def run(ctx) -> list[Path]:
     from dynamics.io import write_json, write_parquet
     from llm_probes.finetune import config_from_args
     from llm_probes.pair_dpo import pair_data, pair_logps
-    from llm_probes.pair_features import response_features
+    from llm_probes.pair_features import shared_prompt_features
 
     args = ctx.args
     seeds, fraction = _resolved(args)
@@ -227,8 +227,8 @@ def run(ctx) -> list[Path]:
     n = len(data)
     everything = np.arange(n)
     clock = time.perf_counter()
-    features = response_features(loaded, data.prompts * 2, data.chosen + data.rejected,
-                                 batch_size=config.eval_batch_size)
+    features = shared_prompt_features(loaded, data.prompts, data.chosen, data.rejected,
+                                      batch_size=config.eval_batch_size)
     scores = pair_ches(features["sum"][:n], features["sum"][n:], features["tokens"][:n],
                        features["tokens"][n:])
     ref = pair_logps(loaded.model, data)

@@ -14,8 +14,9 @@ counted from 0 for ``k`` from 0 (as in :mod:`llm_probes.pair_features`).
 sequences are right-padded to the longest *of a length bucket*
 (:func:`llm_probes.pair_features.length_batches`), the decoder runs once per bucket,
 and the output layer and log-softmax run only on the response rows, ``_LOGIT_ROWS``
-rows at a time under activation checkpointing, so backward keeps the ``(R, d)`` states
-and recomputes one ``(rows, V)`` logit block at a time (never a ``(B, T, V)`` tensor).
+rows at a time (never a ``(B, T, V)`` tensor); when the batch's ``R × V`` logits would
+pass ``_KEEP_LOGITS``, under activation checkpointing, so backward keeps the ``(R, d)``
+states and recomputes one ``(rows, V)`` logit block at a time.
 
 :func:`train_pair_dpo` is the loop: one optimiser step per minibatch of pairs on the
 mean of :func:`llm_probes.objective.single_token_dpo_loss` (the DPO loss, Rafailov et
@@ -45,11 +46,14 @@ from llm_probes.objective import single_token_dpo_loss
 from llm_probes.pair_features import length_batches
 from llm_probes.training import TrainConfig, _bar, _batches, _optimizer
 
-__all__ = ["PairData", "PairRun", "pair_data", "sequence_logps", "pair_logps",
-           "train_pair_dpo"]
+__all__ = ["PairData", "PairRun", "pair_data", "sequence_logps", "pair_sequence_logps",
+           "pair_logps", "train_pair_dpo"]
 
 _LOGIT_ROWS = 256
 """Response rows per output-layer block (``256 × V`` logits at a time)."""
+_KEEP_LOGITS = 1 << 25
+"""Logits (numbers) a training step may keep for backward: 128 MB in float32, about 680
+response tokens of a 49,152-word vocabulary; above, the blocks are recomputed."""
 MAX_BATCH_TOKENS = 4096
 """Padded tokens per decoder forward (``rows × longest``) in training and evaluation."""
 
@@ -85,6 +89,26 @@ def _block_logps(head: torch.nn.Module, states: torch.Tensor,
     return picked - torch.logsumexp(logits, dim=-1)
 
 
+def _response_logps(head: torch.nn.Module, picked: torch.Tensor,
+                    target: torch.Tensor) -> torch.Tensor:
+    """``log softmax(head(picked))[target]`` ``(R,)`` in float64, ``_LOGIT_ROWS`` rows
+    at a time; under grad, when all ``R × V`` logits would exceed ``_KEEP_LOGITS``
+    numbers, each block is checkpointed (backward recomputes its logits instead of
+    keeping ``(rows, V)``); below that they are kept (no second output-layer pass)."""
+    blocks = []
+    vocab = int(head.weight.shape[0])
+    recompute = (torch.is_grad_enabled() and picked.requires_grad
+                 and len(target) * vocab > _KEEP_LOGITS)
+    for start in range(0, len(target), _LOGIT_ROWS):
+        part = slice(start, start + _LOGIT_ROWS)
+        if recompute:
+            blocks.append(checkpoint(_block_logps, head, picked[part], target[part],
+                                     use_reentrant=False))
+        else:
+            blocks.append(_block_logps(head, picked[part], target[part]))
+    return torch.cat(blocks).double()
+
+
 def sequence_logps(model, prompts: Sequence, responses: Sequence, *, pad_id: int = 0,
                    max_batch_tokens: int = MAX_BATCH_TOKENS) -> torch.Tensor:
     """``log π(responses[i] | prompts[i])`` ``(N,)`` in float64, differentiable when
@@ -118,16 +142,7 @@ def sequence_logps(model, prompts: Sequence, responses: Sequence, *, pad_id: int
         picked = hidden[rows_t, torch.as_tensor(np.concatenate(cols), device=device)]  # (R, d)
         del hidden
         target = torch.as_tensor(np.concatenate(targets), dtype=torch.long, device=device)
-        blocks = []
-        for start in range(0, len(target), _LOGIT_ROWS):
-            part = slice(start, start + _LOGIT_ROWS)
-            if torch.is_grad_enabled() and picked.requires_grad:
-                # Backward recomputes this block's logits instead of keeping (rows, V).
-                blocks.append(checkpoint(_block_logps, head, picked[part], target[part],
-                                         use_reentrant=False))
-            else:
-                blocks.append(_block_logps(head, picked[part], target[part]))
-        per_token = torch.cat(blocks).double()                  # (R,)
+        per_token = _response_logps(head, picked, target)     # (R,)
         sums = torch.zeros(len(batch), dtype=torch.float64, device=device)
         sums = sums.index_add(0, rows_t, per_token)             # (b,)
         for j, i in enumerate(batch):
@@ -135,22 +150,61 @@ def sequence_logps(model, prompts: Sequence, responses: Sequence, *, pad_id: int
     return torch.stack(out)
 
 
+def pair_sequence_logps(model, prompts: Sequence, chosen: Sequence, rejected: Sequence, *,
+                        pad_id: int = 0, max_batch_tokens: int = MAX_BATCH_TOKENS,
+                        packed: bool | None = None) -> torch.Tensor:
+    """``(B, 2)`` float64: ``log π(chosen[i] | prompts[i])``, ``log π(rejected[i] |
+    prompts[i])``, differentiable as :func:`sequence_logps`.
+
+    ``packed`` (default: :func:`llm_probes.packing.supports_packing` of the model):
+    each pair is one row ``x + y_w + y_l`` with the prompt computed once
+    (:mod:`llm_probes.packing`), rows bucketed by ``P + C + R``; else the ``2B``
+    sequences go through :func:`sequence_logps`."""
+    from llm_probes.packing import pack_pairs, packed_hidden, supports_packing
+
+    b = len(prompts)
+    if packed is None:
+        packed = supports_packing(model)
+    if not packed:
+        return sequence_logps(model, list(prompts) * 2, list(chosen) + list(rejected),
+                              pad_id=pad_id, max_batch_tokens=max_batch_tokens).view(2, b).T
+    parameter = next(model.parameters())
+    head = base_model(model).get_output_embeddings()
+    decoder = _decoder(model)
+    lengths = np.array([len(p) + len(c) + len(r) for p, c, r in zip(prompts, chosen, rejected)])
+    out = torch.zeros(2 * b, dtype=torch.float64, device=parameter.device)
+    for batch in length_batches(lengths, b, max_batch_tokens):
+        pack = pack_pairs([prompts[i] for i in batch], [chosen[i] for i in batch],
+                          [rejected[i] for i in batch], pad_id=pad_id, dtype=parameter.dtype)
+        hidden = packed_hidden(decoder, pack, parameter.device)       # (b', T, d)
+        picked = hidden[torch.as_tensor(pack.rows, device=parameter.device),
+                        torch.as_tensor(pack.cols, device=parameter.device)]   # (R, d)
+        del hidden
+        per_token = _response_logps(head, picked, torch.as_tensor(
+            pack.targets, dtype=torch.long, device=parameter.device))  # (R,)
+        # owner j < b' is pair batch[j]'s chosen response, b' + j its rejected one
+        k = len(batch)
+        where = np.where(pack.owner < k, batch[pack.owner % k], b + batch[pack.owner % k])
+        out = out.index_add(0, torch.as_tensor(where, device=parameter.device), per_token)
+    return out.view(2, b).T
+
+
 def pair_logps(model, data: PairData, index=None, *,
                max_batch_tokens: int = MAX_BATCH_TOKENS) -> torch.Tensor:
     """``(n, 2)`` float64 on the CPU: ``log π(y_w|x)``, ``log π(y_l|x)`` of the pairs
     ``index`` (default all), without gradients, in eval mode."""
     index = np.arange(len(data)) if index is None else np.asarray(index, dtype=np.int64)
-    prompts = [data.prompts[i] for i in index]
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            values = sequence_logps(model, prompts * 2, [data.chosen[i] for i in index]
-                                    + [data.rejected[i] for i in index], pad_id=data.pad_id,
-                                    max_batch_tokens=max_batch_tokens)
+            values = pair_sequence_logps(
+                model, [data.prompts[i] for i in index], [data.chosen[i] for i in index],
+                [data.rejected[i] for i in index], pad_id=data.pad_id,
+                max_batch_tokens=max_batch_tokens)
     finally:
         model.train(was_training)
-    return values.cpu().view(2, len(index)).T.contiguous()
+    return values.cpu().contiguous()
 
 
 @dataclass
@@ -214,11 +268,11 @@ def train_pair_dpo(policy, data: PairData, ref: torch.Tensor, config: TrainConfi
     try:
         for step in range(1, config.steps + 1):
             batch = next(batches)
-            prompts = [data.prompts[i] for i in batch]
-            logps = sequence_logps(policy, prompts * 2, [data.chosen[i] for i in batch]
-                                   + [data.rejected[i] for i in batch], pad_id=data.pad_id,
-                                   max_batch_tokens=max_batch_tokens)   # (2B,)
-            chosen, rejected = logps.view(2, len(batch))
+            logps = pair_sequence_logps(
+                policy, [data.prompts[i] for i in batch], [data.chosen[i] for i in batch],
+                [data.rejected[i] for i in batch], pad_id=data.pad_id,
+                max_batch_tokens=max_batch_tokens)                       # (B, 2)
+            chosen, rejected = logps.T
             ref_b = ref[batch].to(device)
             loss = single_token_dpo_loss(chosen, rejected, ref_b[:, 0], ref_b[:, 1],
                                          beta=beta)                      # (B,)

@@ -24,10 +24,20 @@ import torch
 
 from synthetic.validation import check_integer
 
-__all__ = ["response_features", "length_batches"]
+__all__ = ["response_features", "shared_prompt_features", "length_batches"]
 
 _LOGIT_ROWS = 512
 """Response positions per log-softmax (``512 × V`` floats at a time)."""
+
+
+def _token_logps(head, picked: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``log softmax(head(picked))[target]`` ``(R,)`` float64, ``_LOGIT_ROWS`` rows at a
+    time; the log-sum-exp runs in the model's dtype (float32: relative error ~1e-7)."""
+    from llm_probes.pair_dpo import _block_logps
+
+    return torch.cat([_block_logps(head, picked[start:start + _LOGIT_ROWS],
+                                   target[start:start + _LOGIT_ROWS]).double()
+                      for start in range(0, len(target), _LOGIT_ROWS)])
 
 
 def length_batches(lengths, batch_size: int, max_batch_tokens: int) -> list[np.ndarray]:
@@ -98,12 +108,7 @@ def response_features(loaded, prompts, responses, *, batch_size: int = 16,
             picked = hidden[rows_t, cols_t]  # (R, d): every response token's scoring state
             target = torch.as_tensor(np.concatenate(targets), device=device)
             who = np.concatenate(owner)
-            per_token = torch.empty(len(target), dtype=torch.float64)
-            for start in range(0, len(target), _LOGIT_ROWS):
-                part = slice(start, start + _LOGIT_ROWS)
-                logits = head(picked[part]).double()
-                per_token[part] = (torch.log_softmax(logits, -1).gather(
-                    -1, target[part, None])[:, 0]).cpu()
+            per_token = _token_logps(head, picked, target).cpu()
             np.add.at(sums, who, picked.double().cpu().numpy())
             if keep_states:  # each response's rows are contiguous and in token order here
                 where = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in batch])
@@ -112,6 +117,65 @@ def response_features(loaded, prompts, responses, *, batch_size: int = 16,
             if progress is not None:
                 progress(len(batch))
     out = {"sum": sums, "logp": logps, "tokens": tokens}
+    if keep_states:
+        out.update(states=states, offsets=offsets,
+                   targets=np.concatenate([np.asarray(r, dtype=np.int64) for r in responses]))
+    return out
+
+
+
+def shared_prompt_features(loaded, prompts, chosen, rejected, *, batch_size: int = 16,
+                           max_batch_tokens: int = 8192, progress=None,
+                           keep_states: bool = False) -> dict[str, np.ndarray]:
+    """:func:`response_features` of ``prompts * 2`` and ``chosen + rejected`` (rows
+    ``0 … n−1`` the chosen responses, ``n … 2n−1`` the rejected ones), computed with
+    each prompt read once: a pair is one row ``x + y_w + y_l`` (:mod:`llm_probes.packing`)
+    when the model passes :func:`llm_probes.packing.supports_packing`, else two sequences.
+    ``batch_size`` counts rows (pairs) here; ``progress(k)`` still counts responses."""
+    from llm_probes.model import _decoder
+    from llm_probes.packing import pack_pairs, packed_hidden, supports_packing
+
+    batch_size = check_integer("batch_size", batch_size, ge=1)
+    max_batch_tokens = check_integer("max_batch_tokens", max_batch_tokens, ge=2)
+    if not supports_packing(loaded.model):
+        return response_features(loaded, list(prompts) * 2, list(chosen) + list(rejected),
+                                 batch_size=batch_size, max_batch_tokens=max_batch_tokens,
+                                 progress=progress, keep_states=keep_states)
+    model, device = loaded.model, loaded.device
+    head = model.get_output_embeddings()
+    dtype = next(model.parameters()).dtype
+    pad = loaded.tokenizer.pad_token_id or 0
+    n = len(prompts)
+    responses = list(chosen) + list(rejected)
+    tokens = np.array([len(r) for r in responses])
+    offsets = np.r_[0, np.cumsum(tokens)]
+    width = head.weight.shape[1]
+    sums = torch.zeros((2 * n, width), dtype=torch.float64)
+    logps = torch.zeros(2 * n, dtype=torch.float64)
+    states = np.zeros((int(offsets[-1]), width), dtype=np.float32) if keep_states else None
+    lengths = np.array([len(p) + len(c) + len(r) for p, c, r in zip(prompts, chosen, rejected)])
+    decoder = _decoder(model)
+    with torch.inference_mode():
+        for batch in length_batches(lengths, batch_size, max_batch_tokens):
+            pack = pack_pairs([prompts[i] for i in batch], [chosen[i] for i in batch],
+                              [rejected[i] for i in batch], pad_id=pad, dtype=dtype)
+            hidden = packed_hidden(decoder, pack, device)                  # (b, T, d)
+            picked = hidden[torch.as_tensor(pack.rows, device=device),
+                            torch.as_tensor(pack.cols, device=device)]     # (R, d)
+            per_token = _token_logps(head, picked, torch.as_tensor(
+                pack.targets, device=device)).cpu()
+            k = len(batch)
+            who = torch.as_tensor(np.where(pack.owner < k, 0, n) + batch[pack.owner % k])
+            sums.index_add_(0, who, picked.double().cpu())
+            logps.index_add_(0, who, per_token)
+            if keep_states:  # the pack holds each pair's y_w then y_l, in token order
+                where = np.concatenate([np.r_[np.arange(offsets[i], offsets[i + 1]),
+                                              np.arange(offsets[n + i], offsets[n + i + 1])]
+                                        for i in batch])
+                states[where] = picked.float().cpu().numpy()
+            if progress is not None:
+                progress(2 * k)
+    out = {"sum": sums.numpy(), "logp": logps.numpy(), "tokens": tokens}
     if keep_states:
         out.update(states=states, offsets=offsets,
                    targets=np.concatenate([np.asarray(r, dtype=np.int64) for r in responses]))
@@ -171,8 +235,8 @@ def run_pairs(ctx) -> list:
     f = tok.frame
     start = time.perf_counter()
     prompts = list(f.prompt_ids)
-    every = response_features(loaded, prompts * 2, list(f.chosen_ids) + list(f.rejected_ids),
-                              batch_size=args.batch_size)
+    every = shared_prompt_features(loaded, prompts, list(f.chosen_ids), list(f.rejected_ids),
+                                   batch_size=args.batch_size)
     seconds = time.perf_counter() - start
     n = len(f)
     counts = every["tokens"].astype(np.float64)[:, None]

@@ -423,15 +423,15 @@ def check(args) -> None:
 
 def _states(ctx, index: np.ndarray) -> tuple[dict, float]:
     """Scoring states of the chosen then the rejected responses of pairs ``index``."""
-    from llm_probes.pair_features import response_features
+    from llm_probes.pair_features import shared_prompt_features
 
     f = ctx.tokenized.frame.iloc[index]
     prompts = list(f.prompt_ids)
     tick = time.perf_counter()
     bar = _bar(2 * len(f), ctx.progress, "response states", "resp")
-    out = response_features(ctx.model, prompts * 2, list(f.chosen_ids) + list(f.rejected_ids),
-                            batch_size=ctx.args.batch_size, keep_states=True,
-                            progress=bar.update)
+    out = shared_prompt_features(ctx.model, prompts, list(f.chosen_ids), list(f.rejected_ids),
+                                 batch_size=ctx.args.batch_size, keep_states=True,
+                                 progress=bar.update)
     bar.close()
     return out, time.perf_counter() - tick
 

@@ -40,6 +40,8 @@ FLOAT64 = 1e-10
 """Two float64 computations of the same sum in a different order."""
 FLOAT32 = 1e-3
 """A float32 model against a float64 reference (relative)."""
+FLOAT32_ROUNDING = 1e-6
+"""A few float32 roundings (relative): the float32 steps inside a float64 Llama."""
 
 
 # ------------------------------------------------------------------ a tiny model
@@ -111,9 +113,15 @@ def test_one_dpo_step_is_the_naive_loss_and_its_gradient():
     run = train_pair_dpo(policy, data, ref, config)
     assert run.steps.loss.iloc[0] == pytest.approx(loss.item(), abs=FLOAT64)
     moved = 0
+    # Llama's RMSNorm computes in float32 even in a float64 model, and the packed forward
+    # (the prompt once, llm_probes.packing) sums the prompt's two gradient contributions
+    # before the norm's backward instead of after: the updates agree to float32 rounding
+    # of the largest gradient, not to float64's.
+    scale = max(float(g.abs().max()) for g in grads if g is not None)
     for p, p0, g in zip(policy.parameters(), before, grads):
         want = p0 - lr * (torch.zeros_like(p0) if g is None else g)
-        np.testing.assert_allclose(p.detach().numpy(), want.numpy(), rtol=0, atol=1e-12)
+        np.testing.assert_allclose(p.detach().numpy(), want.numpy(), rtol=0,
+                                   atol=lr * FLOAT32_ROUNDING * scale)
         moved += int(g is not None and bool((g != 0).any()))
     assert moved > 10
     # the recorded evaluations: step 0 evaluated from the policy, step 1 after the update
@@ -274,8 +282,9 @@ def test_real_sequence_logps_equal_the_full_logit_table(loaded_model):  # noqa: 
     got = pair_logps(loaded_model.model, data, max_batch_tokens=64)
     with torch.no_grad():
         for i in range(3):
-            want = naive_logp(loaded_model.model, data.prompts[i], data.chosen[i])
-            assert float(got[i, 0]) == pytest.approx(float(want), rel=FLOAT32)
+            for col, response in enumerate((data.chosen[i], data.rejected[i])):
+                want = naive_logp(loaded_model.model, data.prompts[i], response)
+                assert float(got[i, col]) == pytest.approx(float(want), rel=FLOAT32)
 
 
 @needs_hh

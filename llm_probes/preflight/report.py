@@ -41,7 +41,8 @@ and an interruption loses at most one chunk; 64 pairs (128 sequences) still fill
 length-bucketed batches."""
 AUTO_FRACTION = 0.5
 """``--lr auto``: this fraction of the stability limit ``1/(ℓ''(0) λ_max(E[g gᵀ]))``."""
-CACHE_VERSION = 1
+CACHE_VERSION = 2
+"""Part of every cached chunk's key: 2 since the prompt is read once per pair."""
 TOP_CHES = 25
 """Rows of the CHES table shown on the page (the table file holds every pair)."""
 
@@ -60,10 +61,10 @@ def pair_response_features(loaded, tokenized, *, batch_size: int = 16, progress:
                            cache_dir=None) -> dict[str, np.ndarray]:
     """``chosen_sum``, ``rejected_sum`` (n, d) float64 and ``chosen_tokens``,
     ``rejected_tokens`` (n,) of every tokenized pair
-    (:func:`llm_probes.pair_features.response_features`), cached per chunk."""
+    (:func:`llm_probes.pair_features.shared_prompt_features`), cached per chunk."""
     from llm_probes.features import _progress
     from llm_probes.model import cache_root
-    from llm_probes.pair_features import response_features
+    from llm_probes.pair_features import shared_prompt_features
 
     f = tokenized.frame
     root = Path(cache_dir) if cache_dir is not None else cache_root() / "pair_features"
@@ -82,9 +83,9 @@ def pair_response_features(loaded, tokenized, *, batch_size: int = 16, progress:
     try:
         for start, rows, path in todo:
             prompts = list(rows.prompt_ids)
-            every = response_features(loaded, prompts * 2, list(rows.chosen_ids)
-                                      + list(rows.rejected_ids), batch_size=batch_size,
-                                      progress=lambda k: bar.update(k / 2))
+            every = shared_prompt_features(loaded, prompts, list(rows.chosen_ids),
+                                           list(rows.rejected_ids), batch_size=batch_size,
+                                           progress=lambda k: bar.update(k / 2))
             m = len(rows)
             part = {"chosen_sum": every["sum"][:m], "rejected_sum": every["sum"][m:],
                     "chosen_tokens": every["tokens"][:m], "rejected_tokens": every["tokens"][m:]}
