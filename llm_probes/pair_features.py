@@ -26,22 +26,11 @@ from synthetic.validation import check_integer
 
 __all__ = ["response_features", "shared_prompt_features", "length_batches"]
 
-_LOGIT_ROWS = 512
-"""Response positions per log-softmax (``512 × V`` floats at a time)."""
 SHARED_BATCH_TOKENS = 2048
 """Padded tokens per packed forward in :func:`shared_prompt_features`: 2,048 rows keep
 the layers' GEMMs efficient and cut padding where lengths vary (32 HH-RLHF pairs: 18%
 against 27% at 8,192, and 15% less time on 2 quiet cores)."""
 
-
-def _token_logps(head, picked: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """``log softmax(head(picked))[target]`` ``(R,)`` float64, ``_LOGIT_ROWS`` rows at a
-    time; the log-sum-exp runs in the model's dtype (float32: relative error ~1e-7)."""
-    from llm_probes.pair_dpo import _block_logps
-
-    return torch.cat([_block_logps(head, picked[start:start + _LOGIT_ROWS],
-                                   target[start:start + _LOGIT_ROWS]).double()
-                      for start in range(0, len(target), _LOGIT_ROWS)])
 
 
 def length_batches(lengths, batch_size: int, max_batch_tokens: int) -> list[np.ndarray]:
@@ -77,6 +66,7 @@ def response_features(loaded, prompts, responses, *, batch_size: int = 16,
     batch_size = check_integer("batch_size", batch_size, ge=1)
     max_batch_tokens = check_integer("max_batch_tokens", max_batch_tokens, ge=2)
     from llm_probes.model import _decoder
+    from llm_probes.pair_dpo import _response_logps
 
     model, device = loaded.model, loaded.device
     head = loaded.model.get_output_embeddings()
@@ -112,7 +102,7 @@ def response_features(loaded, prompts, responses, *, batch_size: int = 16,
             picked = hidden[rows_t, cols_t]  # (R, d): every response token's scoring state
             target = torch.as_tensor(np.concatenate(targets), device=device)
             who = np.concatenate(owner)
-            per_token = _token_logps(head, picked, target).cpu()
+            per_token = _response_logps(head, picked, target).cpu()
             np.add.at(sums, who, picked.double().cpu().numpy())
             if keep_states:  # each response's rows are contiguous and in token order here
                 where = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in batch])
@@ -138,6 +128,7 @@ def shared_prompt_features(loaded, prompts, chosen, rejected, *, batch_size: int
     ``batch_size`` counts rows (pairs) here; ``progress(k)`` still counts responses."""
     from llm_probes.model import _decoder
     from llm_probes.packing import pack_pairs, packed_hidden, supports_packing
+    from llm_probes.pair_dpo import _response_logps
 
     batch_size = check_integer("batch_size", batch_size, ge=1)
     max_batch_tokens = check_integer("max_batch_tokens", max_batch_tokens, ge=2)
@@ -166,7 +157,7 @@ def shared_prompt_features(loaded, prompts, chosen, rejected, *, batch_size: int
             hidden = packed_hidden(decoder, pack, device)                  # (b, T, d)
             picked = hidden[torch.as_tensor(pack.rows, device=device),
                             torch.as_tensor(pack.cols, device=device)]     # (R, d)
-            per_token = _token_logps(head, picked, torch.as_tensor(
+            per_token = _response_logps(head, picked, torch.as_tensor(
                 pack.targets, device=device)).cpu()
             k = len(batch)
             who = torch.as_tensor(np.where(pack.owner < k, 0, n) + batch[pack.owner % k])
