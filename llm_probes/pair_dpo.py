@@ -13,10 +13,11 @@ counted from 0 for ``k`` from 0 (as in :mod:`llm_probes.pair_features`).
 :func:`sequence_logps` computes it for a batch of sequences, differentiably: the
 sequences are right-padded to the longest *of a length bucket*
 (:func:`llm_probes.pair_features.length_batches`), the decoder runs once per bucket,
-and the output layer and log-softmax run only on the response rows, ``_LOGIT_ROWS``
-rows at a time (never a ``(B, T, V)`` tensor); when the batch's ``R × V`` logits would
-pass ``_KEEP_LOGITS``, under activation checkpointing, so backward keeps the ``(R, d)``
-states and recomputes one ``(rows, V)`` logit block at a time.
+and the output layer and log-softmax run only on the response rows (never a
+``(B, T, V)`` tensor). Under grad they run in :class:`_HeadLogps`, whose backward
+builds the logits' gradient ``g (e_y − softmax)`` in place over the ``(R, V)`` logits
+it kept, or, when they would pass ``_KEEP_LOGITS`` numbers, over logits recomputed
+``_LOGIT_ROWS`` rows at a time (backward then keeps only the ``(R, d)`` states).
 
 :func:`train_pair_dpo` is the loop: one optimiser step per minibatch of pairs on the
 mean of :func:`llm_probes.objective.single_token_dpo_loss` (the DPO loss, Rafailov et
@@ -38,6 +39,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 import torch
+from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from llm_probes.logprobs import base_model
@@ -86,22 +88,102 @@ def _block_logps(head: torch.nn.Module, states: torch.Tensor,
     """``log softmax(head(states))[targets]`` ``(rows,)``; ``states`` ``(rows, d)``."""
     logits = head(states)                                       # (rows, V)
     picked = logits.gather(-1, targets[:, None])[:, 0]
-    return picked - torch.logsumexp(logits, dim=-1)
+    return picked - _row_logsumexp(logits)
+
+
+_LSE_CHUNK = 1 << 19
+"""Numbers per log-sum-exp chunk (2 MB in float32): the temporaries stay in cache."""
+
+
+def _row_logsumexp(logits: torch.Tensor) -> torch.Tensor:
+    """``logsumexp(logits, -1)`` ``(rows,)``, a few rows at a time (float32 at least):
+    the whole-block call would allocate two ``(rows, V)`` temporaries."""
+    rows = max(1, _LSE_CHUNK // max(1, logits.shape[-1]))
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    out = torch.empty(logits.shape[0], dtype=dtype, device=logits.device)
+    for start in range(0, logits.shape[0], rows):
+        out[start:start + rows] = torch.logsumexp(logits[start:start + rows].to(dtype), dim=-1)
+    return out.to(logits.dtype)
+
+
+class _HeadLogps(torch.autograd.Function):
+    """``log softmax(states Wᵀ + b)[target]`` ``(R,)`` with the gradient written out:
+    for upstream ``g`` the logits' gradient is ``g_r (e_{y_r} − softmax_r)``, built in
+    place over the kept logits (or over logits recomputed block by block when
+    ``keep`` is false), then ``∂states = G W`` and ``∂W = Gᵀ states``, ``∂b = Σ_r G``.
+
+    Against autograd on ``logits.gather − logsumexp`` it allocates one ``(R, V)`` tensor
+    instead of six (each a first touch of fresh pages) and makes one pass over it in
+    backward instead of five; the result is the same up to float rounding
+    (``tests/test_packing.py``)."""
+
+    @staticmethod
+    def forward(ctx, states, weight, bias, target, keep: bool):
+        rows = len(target) if keep else _LOGIT_ROWS
+        values, lse, kept = [], [], []
+        for start in range(0, len(target), rows):
+            logits = torch.nn.functional.linear(states[start:start + rows], weight, bias)
+            block = _row_logsumexp(logits)
+            values.append(logits.gather(-1, target[start:start + rows, None])[:, 0] - block)
+            lse.append(block)
+            if keep:
+                kept.append(logits)
+        ctx.rows = rows
+        ctx.kept = kept[0] if keep else None  # not saved_tensors: backward overwrites it
+        ctx.save_for_backward(states, weight, bias, torch.cat(lse), target)
+        return torch.cat(values)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        states, weight, bias, lse, target = ctx.saved_tensors
+        need_states, need_weight, need_bias = ctx.needs_input_grad[:3]
+        d_states = torch.empty_like(states) if need_states else None
+        d_weight = None
+        d_bias = (torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
+                  if need_bias else None)
+        chunk = max(1, _LSE_CHUNK // max(1, weight.shape[0]))
+        for start in range(0, len(target), ctx.rows):
+            part = slice(start, start + ctx.rows)
+            if ctx.kept is not None:  # overwritten below: a second backward recomputes
+                g_logits, ctx.kept = ctx.kept, None
+            else:
+                g_logits = torch.nn.functional.linear(states[part], weight, bias)
+            g = grad[part].to(g_logits.dtype)
+            for c in range(0, g_logits.shape[0], chunk):       # softmax, in cache
+                z = g_logits[c:c + chunk]
+                z.sub_(lse[part][c:c + chunk, None]).exp_().mul_(-g[c:c + chunk, None])
+            rows = torch.arange(g_logits.shape[0], device=g_logits.device)
+            g_logits[rows, target[part]] += g                 # G = g (e_y − softmax)
+            if need_states:
+                d_states[part] = g_logits @ weight
+            if need_weight:
+                block = g_logits.T @ states[part]
+                d_weight = block if d_weight is None else d_weight.add_(block)
+            if need_bias:
+                d_bias += g_logits.sum(0)
+            del g_logits
+        return d_states, d_weight, d_bias, None, None
 
 
 def _response_logps(head: torch.nn.Module, picked: torch.Tensor,
                     target: torch.Tensor) -> torch.Tensor:
-    """``log softmax(head(picked))[target]`` ``(R,)`` in float64, ``_LOGIT_ROWS`` rows
-    at a time; under grad, when all ``R × V`` logits would exceed ``_KEEP_LOGITS``
-    numbers, each block is checkpointed (backward recomputes its logits instead of
-    keeping ``(rows, V)``); below that they are kept (no second output-layer pass)."""
-    blocks = []
+    """``log softmax(head(picked))[target]`` ``(R,)`` in float64.
+
+    Without a graph to build: ``_LOGIT_ROWS`` rows at a time. Under grad with a plain
+    ``nn.Linear`` head: :class:`_HeadLogps`, keeping all ``R × V`` logits when they fit
+    in ``_KEEP_LOGITS`` numbers, else recomputing them in backward one block at a time.
+    Any other head (e.g. wrapped by an adapter library): autograd over the blocks,
+    checkpointed above ``_KEEP_LOGITS``."""
     vocab = int(head.weight.shape[0])
-    recompute = (torch.is_grad_enabled() and picked.requires_grad
-                 and len(target) * vocab > _KEEP_LOGITS)
+    keep = len(target) * vocab <= _KEEP_LOGITS
+    grad = torch.is_grad_enabled() and (picked.requires_grad or head.weight.requires_grad)
+    if grad and type(head) is torch.nn.Linear:
+        return _HeadLogps.apply(picked, head.weight, head.bias, target, keep).double()
+    blocks = []
     for start in range(0, len(target), _LOGIT_ROWS):
         part = slice(start, start + _LOGIT_ROWS)
-        if recompute:
+        if grad and not keep:
             blocks.append(checkpoint(_block_logps, head, picked[part], target[part],
                                      use_reentrant=False))
         else:

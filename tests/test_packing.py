@@ -163,9 +163,72 @@ def test_shared_prompt_features_equal_response_features(batch_size, budget):
                                    atol=FLOAT32_ROUNDING)
 
 
+def naive_head_logps(states, weight, bias, target) -> torch.Tensor:
+    """``log_softmax(states Wᵀ + b)[target]`` by autograd on the whole logit table."""
+    table = torch.log_softmax(torch.nn.functional.linear(states, weight, bias), -1)
+    return table[torch.arange(len(target)), target]
+
+
+@pytest.mark.parametrize("keep", [True, False], ids=["kept", "recomputed"])
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+def test_head_logps_equal_autograd_on_the_whole_table(monkeypatch, keep, bias):
+    """``_HeadLogps`` (the gradient ``g (e_y − softmax)`` written out, in place over
+    kept or recomputed logits) against autograd's ``log_softmax`` and gather: values
+    and the gradients of states, weight and bias, for weights that make some rows
+    peaked (log-probabilities near −60); a second backward (``retain_graph``) after
+    the kept logits were overwritten recomputes them and gives the same gradient."""
+    from llm_probes import pair_dpo
+
+    monkeypatch.setattr(pair_dpo, "_LOGIT_ROWS", 4)            # several blocks
+    monkeypatch.setattr(pair_dpo, "_LSE_CHUNK", 2 * VOCAB)     # two rows a chunk
+    monkeypatch.setattr(pair_dpo, "_KEEP_LOGITS", 1 << 40 if keep else 0)
+    gen = torch.Generator().manual_seed(3)
+    rows, width = 11, 8
+    head = torch.nn.Linear(width, VOCAB, bias=bias).double()
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(VOCAB, width, generator=gen, dtype=torch.float64) * 3)
+    states = torch.randn(rows, width, generator=gen, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(0, VOCAB, (rows,), generator=gen)
+    upstream = torch.randn(rows, generator=gen, dtype=torch.float64)
+
+    got = pair_dpo._response_logps(head, states, target)
+    assert got.grad_fn is not None and "HeadLogps" in type(got.grad_fn).__name__
+    want = naive_head_logps(states, head.weight, head.bias, target)
+    assert want.min() < -20                                       # peaked rows are tested
+    np.testing.assert_allclose(got.detach().numpy(), want.detach().numpy(), rtol=1e-13,
+                               atol=1e-12)
+    parameters = [states, head.weight] + ([head.bias] if bias else [])
+    want_grads = torch.autograd.grad(want, parameters, upstream)
+    for retain in (True, False):                          # the second pass recomputes
+        got_grads = torch.autograd.grad(got, parameters, upstream, retain_graph=retain)
+        for a, b in zip(got_grads, want_grads):
+            np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-12, atol=1e-13)
+
+
+def test_head_logps_with_a_frozen_head_and_without_a_graph():
+    """A frozen output layer (LoRA): only the states get a gradient; under
+    ``torch.no_grad`` the blockwise path gives the same values (nothing kept)."""
+    from llm_probes import pair_dpo
+
+    gen = torch.Generator().manual_seed(4)
+    head = torch.nn.Linear(6, VOCAB, bias=False).double().requires_grad_(False)
+    states = torch.randn(5, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(0, VOCAB, (5,), generator=gen)
+    got = pair_dpo._response_logps(head, states, target)
+    want = naive_head_logps(states, head.weight, None, target)
+    (a,) = torch.autograd.grad(got.sum(), [states])
+    (b,) = torch.autograd.grad(want.sum(), [states])
+    np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-12, atol=1e-13)
+    with torch.no_grad():
+        quiet = pair_dpo._response_logps(head, states, target)
+    assert quiet.grad_fn is None
+    np.testing.assert_allclose(quiet.numpy(), want.detach().numpy(), rtol=1e-13, atol=1e-12)
+
+
 def test_recomputed_logits_give_the_same_gradient(monkeypatch):
-    """Above ``_KEEP_LOGITS`` the output-layer blocks are checkpointed: the values and
-    the gradient are the ones computed keeping every logit."""
+    """Through the whole model: above ``_KEEP_LOGITS`` the output-layer blocks are
+    recomputed in backward; the values and every parameter's gradient are those of
+    the naive full-vocabulary loss (:func:`naive_logp`)."""
     from llm_probes import pair_dpo
 
     model = tiny_llama(4)
@@ -173,13 +236,18 @@ def test_recomputed_logits_give_the_same_gradient(monkeypatch):
     draw = lambda lo, hi: rng.integers(1, VOCAB, rng.integers(lo, hi)).tolist()  # noqa: E731
     prompts, chosen, rejected = ([draw(1, 9) for _ in range(5)] for _ in range(3))
     monkeypatch.setattr(pair_dpo, "_LOGIT_ROWS", 3)       # several blocks
-    out = {}
+    model.zero_grad()
+    naive = torch.stack([torch.stack([naive_logp(model, p, c), naive_logp(model, p, r)])
+                         for p, c, r in zip(prompts, chosen, rejected)])
+    (naive[:, 0] - 2 * naive[:, 1]).sum().backward()
+    want = naive.detach(), [p.grad.clone() for p in model.parameters()]
     for keep in (1 << 40, 0):
         monkeypatch.setattr(pair_dpo, "_KEEP_LOGITS", keep)
         model.zero_grad()
         value = pair_sequence_logps(model, prompts, chosen, rejected)
         (value[:, 0] - 2 * value[:, 1]).sum().backward()
-        out[keep] = value.detach(), [p.grad.clone() for p in model.parameters()]
-    np.testing.assert_array_equal(out[0][0].numpy(), out[1 << 40][0].numpy())
-    for a, b in zip(out[0][1], out[1 << 40][1]):
-        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(value.detach().numpy(), want[0].numpy(),
+                                   rtol=FLOAT32_ROUNDING, atol=FLOAT32_ROUNDING)
+        for a, b in zip(model.parameters(), want[1]):
+            np.testing.assert_allclose(a.grad.numpy(), b.numpy(), rtol=FLOAT32_ROUNDING,
+                                       atol=FLOAT32_ROUNDING)
