@@ -21,7 +21,9 @@ multi-token preference pairs (Razin et al. 2024, arXiv:2410.08847; THEORY §4.5)
    retrain on the rest, against dropping as many pairs drawn at random, for each of
    ``--seeds`` seeds (the seed draws the batches, the LoRA start and the random drop);
    per run, on the pairs it trained on: the displaced fraction and the mean change of
-   ``log π(y_w)``; per rule, their mean over seeds with a t interval (95%).
+   ``log π(y_w)``, and the same two for those pairs in the run on all pairs (the
+   control); per rule, their mean over seeds with a t interval (95%), and the paired
+   difference random − CHES over seeds.
 
 Writes ``pair_displacement.parquet`` (per evaluation step: means and the displaced
 fraction), ``pair_displacement_pairs.parquet`` (per pair), ``pair_displacement_ches.parquet``
@@ -46,7 +48,7 @@ from synthetic.validation import ParameterError, check_integer, check_number
 
 __all__ = ["DROP_RULES", "add_arguments", "check", "check_model", "run", "pair_ches",
            "dropped_pairs", "drop_count", "mean_interval", "correlation_table",
-           "trajectory_table", "mitigation_summary"]
+           "trajectory_table", "mitigation_summary", "MITIGATION_METRICS"]
 
 DROP_RULES = {"ches": "the pairs of highest CHES (ties: the earlier pair first)",
               "random": "pairs drawn uniformly without replacement (seeded)"}
@@ -135,13 +137,29 @@ def correlation_table(pairs: pd.DataFrame, *, seed: int, n_boot: int = BOOTSTRAP
     return pd.DataFrame(rows)
 
 
+MITIGATION_METRICS = ("displaced_fraction", "chosen_change", "displaced_fraction_all",
+                      "chosen_change_all")
+"""Per mitigation run, on the pairs it kept: after retraining without the dropped
+pairs, and (``_all``) the same pairs in the run on all pairs (the control: a rule
+that merely dropped pairs that were going to be displaced scores low there too)."""
+PAIRED = "random - ches"
+
+
 def mitigation_summary(runs: pd.DataFrame) -> pd.DataFrame:
-    """Per rule × metric (``displaced_fraction``, ``chosen_change``): mean over seeds
-    with its t interval (:func:`mean_interval`)."""
+    """Per rule × metric (:data:`MITIGATION_METRICS` present in ``runs``): mean over
+    seeds with its t interval (:func:`mean_interval`); and, when both rules ran, the
+    paired difference random minus CHES over the seeds both have (rule
+    ``"random - ches"``) of the retrained ``displaced_fraction`` and ``chosen_change``."""
     rows = []
+    metrics = [m for m in MITIGATION_METRICS if m in runs]
     for rule, group in runs.groupby("rule", sort=False):
-        for metric in ("displaced_fraction", "chosen_change"):
+        for metric in metrics:
             rows.append({"rule": rule, "metric": metric, **mean_interval(group[metric])})
+    if {"ches", "random"} <= set(runs["rule"]):
+        for metric in ("displaced_fraction", "chosen_change"):
+            wide = runs.pivot(index="seed", columns="rule", values=metric).dropna()
+            rows.append({"rule": PAIRED, "metric": metric,
+                         **mean_interval(wide["random"] - wide["ches"])})
     return pd.DataFrame(rows)
 
 
@@ -249,6 +267,7 @@ def run(ctx) -> list[Path]:
     curves = trajectory_table(main.evals, lr=config.lr)
     correlations = correlation_table(pairs, seed=ctx.seed)
     k = drop_count(n, fraction)
+    all_change = pairs["logp_chosen_change"].to_numpy()
     runs = []
     end_only = dataclasses.replace(config, eval_every=config.steps)
     for seed in range(ctx.seed, ctx.seed + seeds):
@@ -261,10 +280,11 @@ def run(ctx) -> list[Path]:
                          "dropped_lines": ",".join(map(str, f.line.to_numpy()[dropped])),
                          "displaced_fraction": float((change < 0).mean()),
                          "chosen_change": float(change.mean()),
+                         "displaced_fraction_all": float((all_change[keep] < 0).mean()),
+                         "chosen_change_all": float(all_change[keep].mean()),
                          "final_loss": float(result.steps.loss.iloc[-1])})
     mitigation = pd.DataFrame(runs, columns=["seed", "rule", "dropped", "kept", "dropped_lines",
-                                             "displaced_fraction", "chosen_change",
-                                             "final_loss"])
+                                             *MITIGATION_METRICS, "final_loss"])
     summary = mitigation_summary(mitigation) if len(mitigation) else pd.DataFrame(
         columns=["rule", "metric", "mean", "ci_low", "ci_high", "n"])
     out = Path(ctx.out)

@@ -27,6 +27,7 @@ from llm_probes.pair_displacement import (
     drop_count,
     dropped_pairs,
     mean_interval,
+    mitigation_summary,
     pair_ches,
 )
 from llm_probes.pair_dpo import PairData, pair_logps, sequence_logps, train_pair_dpo
@@ -197,6 +198,28 @@ def test_mean_interval_is_students_t():
     assert math.isnan(mean_interval([1.0])["ci_low"]) and mean_interval([1.0])["mean"] == 1.0
 
 
+def test_mitigation_summary_pairs_the_rules_by_seed():
+    """Each rule's mean over seeds, and random − CHES paired by seed (a seed only one
+    rule ran is left out of the pair), each with Student's t interval."""
+    runs = pd.DataFrame({
+        "seed": [0, 0, 1, 1, 2, 2, 3], "rule": ["ches", "random"] * 3 + ["random"],
+        "displaced_fraction": [0.1, 0.3, 0.05, 0.5, 0.1, 0.2, 0.9],
+        "chosen_change": [6.0, 2.0, 6.5, -2.5, 6.2, 3.8, 0.0],
+        "displaced_fraction_all": [0.4, 0.45, 0.4, 0.42, 0.4, 0.38, 0.4],
+        "chosen_change_all": [1.8, 1.0, 1.8, 1.4, 1.8, 1.7, 1.5]})
+    got = mitigation_summary(runs).set_index(["rule", "metric"])
+    assert got.loc[("random", "displaced_fraction"), "n"] == 4
+    assert got.loc[("ches", "chosen_change_all"), "mean"] == pytest.approx(1.8)
+    diff = np.array([0.3 - 0.1, 0.5 - 0.05, 0.2 - 0.1])
+    row = got.loc[("random - ches", "displaced_fraction")]
+    low, high = stats.t.interval(0.95, 2, loc=diff.mean(), scale=stats.sem(diff))
+    assert (row["mean"], row["ci_low"], row["ci_high"], row["n"]) == (
+        pytest.approx(diff.mean()), pytest.approx(low), pytest.approx(high), 3)
+    assert got.loc[("random - ches", "chosen_change"), "mean"] == pytest.approx(
+        np.mean([2.0 - 6.0, -2.5 - 6.5, 3.8 - 6.2]))
+    assert "random - ches" not in set(mitigation_summary(runs[runs.rule == "ches"]).rule)
+
+
 def test_the_drop_rules_pick_the_highest_ches_or_a_seeded_random_set():
     ches = np.array([0.5, 3.0, -1.0, 3.0, 2.0, 0.0])
     assert dropped_pairs(ches, 2, "ches", seed=0).tolist() == [1, 3]
@@ -325,6 +348,11 @@ def test_displacement_on_real_pairs_writes_consistent_tables(tmp_path,
     top = int(pairs.line.iloc[int(np.argmax(pairs.ches))])
     assert mitigation.set_index("rule").loc["ches", "dropped_lines"] == str(top)
     assert (mitigation.kept == 3).all() and (mitigation.dropped == 1).all()
+    # the control columns: the kept pairs as they fared in the run on all pairs
+    for _, run in mitigation.iterrows():
+        kept = ~pairs.line.isin([int(x) for x in run.dropped_lines.split(",")])
+        assert run.displaced_fraction_all == pytest.approx((change[kept] < 0).mean())
+        assert run.chosen_change_all == pytest.approx(change[kept].mean(), abs=1e-12)
     assert (out / "pair_displacement.png").exists()
     assert any(p.name == "probe_displacement.json" for p in files)
 
