@@ -173,12 +173,13 @@ def _response_logps(head: torch.nn.Module, picked: torch.Tensor,
     Without a graph to build: ``_LOGIT_ROWS`` rows at a time. Under grad with a plain
     ``nn.Linear`` head: :class:`_HeadLogps`, keeping all ``R × V`` logits when they fit
     in ``_KEEP_LOGITS`` numbers, else recomputing them in backward one block at a time.
-    Any other head (e.g. wrapped by an adapter library): autograd over the blocks,
-    checkpointed above ``_KEEP_LOGITS``."""
+    Any other head (e.g. wrapped by an adapter library), mixed dtypes or autocast:
+    autograd over the blocks, checkpointed above ``_KEEP_LOGITS``."""
     vocab = int(head.weight.shape[0])
     keep = len(target) * vocab <= _KEEP_LOGITS
     grad = torch.is_grad_enabled() and (picked.requires_grad or head.weight.requires_grad)
-    if grad and type(head) is torch.nn.Linear:
+    if (grad and type(head) is torch.nn.Linear and picked.dtype == head.weight.dtype
+            and not torch.is_autocast_enabled(picked.device.type)):
         return _HeadLogps.apply(picked, head.weight, head.bias, target, keep).double()
     blocks = []
     for start in range(0, len(target), _LOGIT_ROWS):

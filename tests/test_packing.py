@@ -251,3 +251,21 @@ def test_recomputed_logits_give_the_same_gradient(monkeypatch):
         for a, b in zip(model.parameters(), want[1]):
             np.testing.assert_allclose(a.grad.numpy(), b.numpy(), rtol=FLOAT32_ROUNDING,
                                        atol=FLOAT32_ROUNDING)
+
+
+def test_head_logps_fall_back_to_autograd_under_autocast():
+    """Under autocast the written-out gradient is not used (its buffers would mix
+    dtypes): autograd's blocks give the values, and the gradient still flows."""
+    from llm_probes import pair_dpo
+
+    gen = torch.Generator().manual_seed(5)
+    head = torch.nn.Linear(6, VOCAB, bias=False)
+    states = torch.randn(4, 6, generator=gen, requires_grad=True)
+    target = torch.randint(0, VOCAB, (4,), generator=gen)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = pair_dpo._response_logps(head, states, target)
+    assert "HeadLogps" not in type(got.grad_fn).__name__
+    got.sum().backward()
+    assert states.grad is not None and torch.isfinite(states.grad).all()
+    want = naive_head_logps(states.detach(), head.weight.detach(), None, target)
+    np.testing.assert_allclose(got.detach().numpy(), want.numpy(), rtol=0.05, atol=0.2)
