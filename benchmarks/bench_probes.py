@@ -556,6 +556,27 @@ def trl_run(loaded, statements, steps: int, precompute: bool) -> dict:
             "others": others.share}
 
 
+def alternating_rounds(tasks: dict, rounds: int) -> dict[str, list[dict]]:
+    """Run each task once a round, the order reversed every other round; a task that
+    raises is reported in one line and not run again (its list keeps what it measured)."""
+    runs: dict[str, list[dict]] = {name: [] for name in tasks}
+    failed: set[str] = set()
+    names = list(tasks)
+    for r in range(rounds):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            if name in failed:
+                continue
+            try:
+                runs[name].append(tasks[name]())
+            except Exception as err:  # noqa: BLE001 - report, never crash the benchmark
+                text = str(err).strip()
+                print(f"\n{name} failed: {type(err).__name__}: "
+                      f"{text.splitlines()[0] if text else ''}")
+                failed.add(name)
+            gc.collect()
+    return runs
+
+
 def dpo_section(args, loaded) -> tuple[float, list]:
     heading("2. dpo_speedup_vs_trl: one full fine-tuning DPO step, ours vs TRL's DPOTrainer")
     statements = dpo_statements(args)
@@ -584,23 +605,10 @@ def dpo_section(args, loaded) -> tuple[float, list]:
         tasks["trl precomputed"] = lambda: trl_run(loaded, statements, steps, True)
         if not args.quick:
             tasks["trl default"] = lambda: trl_run(loaded, statements, steps, False)
-    runs: dict[str, list[dict]] = {name: [] for name in tasks}
-    failed: dict[str, str] = {}
-    names = list(tasks)
-    for r in range(rounds):
-        for name in (names if r % 2 == 0 else names[::-1]):
-            if name in failed:
-                continue
-            try:
-                result = tasks[name]()
-            except Exception as err:  # noqa: BLE001 - report, never crash the benchmark
-                text = str(err).strip()
-                failed[name] = f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
-                print(f"\n{name} failed: {failed[name]}")
-                continue
+    runs = alternating_rounds(tasks, rounds)
+    for results in runs.values():
+        for result in results:
             result["per_step"] = float(result["step_times"].mean())
-            runs[name].append(result)
-            gc.collect()
     if not runs["ours"]:
         print("\nHeadline: dpo_speedup_vs_trl = nan (our own runs failed).")
         return float("nan"), notes
@@ -949,21 +957,7 @@ def pairs_dpo_section(args, loaded) -> tuple[float, list]:
     tasks = {"ours": lambda: pairs_our_run(loaded, data, ref, steps)}
     if have_trl:
         tasks["trl"] = lambda: pairs_trl_run(loaded, data, steps)
-    runs: dict[str, list[dict]] = {name: [] for name in tasks}
-    failed: set[str] = set()
-    names = list(tasks)
-    for r in range(rounds):
-        for name in (names if r % 2 == 0 else names[::-1]):
-            if name in failed:
-                continue
-            try:
-                runs[name].append(tasks[name]())
-            except Exception as err:  # noqa: BLE001 - report, never crash the benchmark
-                text = str(err).strip()
-                print(f"\n{name} failed: {type(err).__name__}: "
-                      f"{text.splitlines()[0] if text else ''}")
-                failed.add(name)
-            gc.collect()
+    runs = alternating_rounds(tasks, rounds)
     if not runs["ours"] or not runs.get("trl"):
         print("\nHeadline: pairs_dpo_speedup_vs_trl = nan (a side was not measured).")
         return float("nan"), notes
