@@ -128,8 +128,9 @@ def _recognise_logistic(objective, hyper) -> float | None:
 
 class _LogisticDrift:
     """:meth:`PopulationFlow.drift_np` for a logistic-family objective
-    (:func:`_logistic_offset`) on a uniform rule: ten NumPy operations and one
-    torch one, on buffers allocated once (the generic path takes about 25).
+    (:func:`_logistic_offset`) on a uniform rule, and the whole descent
+    (:meth:`descend`): nine NumPy operations and one torch one a step, on buffers
+    allocated once (the generic path takes about 25).
 
     At the sizes of the flow (``C`` components × ``J`` ≈ 160 nodes, ``d`` ≤ a few
     hundred) a step costs per-operation overhead, not arithmetic (THEORY §6), so
@@ -143,14 +144,16 @@ class _LogisticDrift:
     * the nodes' logits ``z = −b(E h_c + sd_c·y_j)`` are one ``(C, 2) @ (2, J)``
       product, with ``−b`` folded into the rule's ``(2, J)`` factor;
     * one sigmoid per node, ``q = σ(z)``, gives ``ℓ' = −b(q + c)`` and
-      ``ℓ'' = b² q(1 − q)``; it is torch's, run on the same memory (its vectorised
-      exp takes about a third of the time of scipy's ``expit`` at these sizes);
-    * the constants (``±G π_c``, ``b``, ``b²``, the rule's weights ``p_j`` and
-      ``p_j q_j``) are one ``(2C, J)`` weight matrix per (rule level, ``b``), so the
-      two expectations of every component are one weighted row sum.
+      ``ℓ'' = b² q(1 − q) = b² (q − q²)``; it is torch's, run on the same memory
+      (its vectorised exp takes about a third of the time of scipy's ``expit`` at
+      these sizes), and one square beside it fills the rows ``[q²; q]`` ``(2C, J)``;
+    * the rule's weights ``[p, p·w]`` ``(J, 2)`` turn those rows into every
+      component's four sums in one product, and a constant ``(4C, 2C)`` matrix
+      (``±G π_c b²``, ``G π_c b`` and the step ``lr``, one per rule level, ``b``
+      and ``lr``) turns the sums into the coefficients in another.
 
     The buffers are shared by the copies of a flow that differ only in β (the
-    weights are cached per ``b``); a call returns a fresh array, so its result is
+    constants are cached per ``b``); a call returns a fresh array, so its result is
     never overwritten by the next one (not reentrant across threads).
     """
 
@@ -170,40 +173,53 @@ class _LogisticDrift:
         self.moments = np.empty(2 * comps)  # [θᵀΣ_cθ → sd_c, E h_c]
         self.var = self.moments[:comps]
         self.columns = self.moments.reshape(2, comps).T  # (C, 2): [sd_c, E h_c]
+        self.sums = np.empty(4 * comps)  # [Σ_j p q², Σ_j p w q²] per c, then the same of q
+        self.pairs = self.sums.reshape(-1, 2)
         self.coef = np.empty(2 * comps)
         self.pi_gain = flow.objective.gain * np.asarray(flow.mixture.weights, np.float64)
         self.nodes: dict[int, tuple] = {}
-        self.weights: dict[tuple[int, float], tuple] = {}
+        self.constants: dict[tuple[int, float, float], tuple] = {}
+        self.last: tuple | None = None  # (level, b, lr, *constants) of the latest call
 
     def _nodes(self, flow: PopulationFlow, level: int) -> tuple:
-        """The rule's nodes as ``[y; 1]`` ``(2, J)`` (so that ``[sd, E h] @ [y; 1]``
-        is ``E h + sd·y``) and per-node buffers of a rule level: ``X`` ``(2C, J)``
-        with rows ``[q(1 − q); q]``, its two halves, a torch view of the ``q`` half,
-        ones ``(C, J)`` to subtract ``q`` from (an array operand: a Python ``1.0``
-        costs a conversion per call) and ones ``(J,)`` to sum rows with."""
+        """A rule level's ``[y; 1]`` ``(2, J)`` (so that ``[sd, E h] @ [y; 1]`` is
+        ``E h + sd·y``), its weights ``[p, p·w]`` ``(J, 2)``, and per-node buffers:
+        the rows ``[q²; q]`` ``(2C, J)``, their two halves and a torch view of the
+        ``q`` half."""
         if level not in self.nodes:
-            y = flow._rule_at(level)[0]
-            values = np.empty((2 * self.comps, y.size))
-            lower = values[self.comps:]
-            self.nodes[level] = (np.stack([y, np.ones_like(y)]), values, values[:self.comps],
-                                 lower, torch.from_numpy(lower), np.ones((self.comps, y.size)),
-                                 np.ones(y.size))
+            y, p, pw = flow._rule_at(level)
+            rows = np.empty((2 * self.comps, y.size))
+            lower = rows[self.comps:]
+            self.nodes[level] = (np.stack([y, np.ones_like(y)]), np.stack([p, pw], axis=1),
+                                 rows, rows[:self.comps], lower, torch.from_numpy(lower))
         return self.nodes[level]
 
-    def _weights(self, flow: PopulationFlow, level: int, b: float) -> tuple:
-        """``(factor, weights, shift)`` for a rule level and ``b``: ``factor``
-        ``(2, J)`` = ``−b [y; 1]``, ``weights`` ``(2C, J)`` =
-        ``[−G π_c b² p_j q_j; G π_c b p_j]``, ``shift`` ``(C,)`` the offset's share of
-        the first-derivative coefficient (``None`` when ``c = 0``)."""
-        key = (level, b)
-        if key not in self.weights:
-            y, p, pq = flow._rule_at(level)
-            factor = -b * self._nodes(flow, level)[0]
-            weights = np.concatenate([np.outer(-self.pi_gain * b * b, pq),
-                                      np.outer(self.pi_gain * b, p)])
-            shift = self.pi_gain * b * self.offset * p.sum() if self.offset else None
-            self.weights[key] = (factor, weights, shift)
-        return self.weights[key]
+    def _constants(self, flow: PopulationFlow, level: int, b: float, lr: float) -> tuple:
+        """``(factor, weights, rows, squares, q, q_torch, mixing, shift)`` for a rule
+        level, ``b`` and step ``lr``: ``factor`` ``(2, J)`` = ``−b [y; 1]``, then
+        :meth:`_nodes`' weights and buffers; ``mixing`` ``(4C, 2C)`` maps the sums
+        ``[Σ p q², Σ p w q²]`` (rows ``c``) and ``[Σ p q, Σ p w q]`` (rows ``C + c``) to
+        ``lr·[−G π_c b² Σ p w q(1 − q); G π_c b Σ p q]``; ``shift`` ``(2C,)`` the
+        offset's share of the first-derivative coefficients (``None`` when ``c = 0``)."""
+        key = (level, b, lr)
+        if key not in self.constants:
+            nodes = self._nodes(flow, level)
+            p = flow._rule_at(level)[1]
+            c, comps = np.arange(self.comps), self.comps
+            mixing = np.zeros((2 * comps, 2, 2 * comps))  # [row of the sums, p or p·w, coef]
+            curvature = self.pi_gain * b * b * lr
+            # Σ p w q(1 − q) = Σ p w q − Σ p w q²
+            mixing[c, 1, c] = curvature
+            mixing[comps + c, 1, c] = -curvature
+            mixing[comps + c, 0, comps + c] = self.pi_gain * b * lr  # G π_c b Σ p q
+            shift = None
+            if self.offset:
+                shift = np.zeros(2 * comps)
+                shift[comps:] = self.pi_gain * b * self.offset * p.sum() * lr
+            _, weights, rows, squares, q, q_torch = nodes
+            self.constants[key] = (-b * nodes[0], weights, rows, squares, q, q_torch,
+                                   mixing.reshape(4 * comps, 2 * comps), shift)
+        return self.constants[key]
 
     def expectations(self, flow: PopulationFlow, level: int, mean: np.ndarray, sd: np.ndarray,
                      scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -224,36 +240,73 @@ class _LogisticDrift:
         return (first.reshape(sd.shape) * minus_b,  # −b (E[q] + c)
                 second.reshape(sd.shape) * (minus_b * minus_b))  # b² E[w q (1 − q)]
 
-    def __call__(self, flow: PopulationFlow, delta: np.ndarray) -> np.ndarray | None:
-        """The drift at ``delta`` ``(d,)``, or ``None`` where the generic path must
-        take over (a spread that needs graded rules, or a non-finite ``θ``, whose
-        error the generic path reports)."""
+    def coefficients(self, flow: PopulationFlow, delta: np.ndarray, lr: float) -> bool:
+        """Write ``lr`` times the drift's coefficients on the rows of :attr:`buf` at
+        ``delta`` ``(d,)`` into :attr:`coef` (and ``Σ_c θ`` into the buffer); ``False``
+        where the generic path must take over (a spread that needs graded rules, or a
+        non-finite ``θ``, whose error the generic path reports)."""
+        var, dot = self.var, np.dot
         if self.diag is None:
             np.matmul(self.cov, delta, out=self.cov_delta)
         else:
             np.multiply(self.diag, delta, out=self.cov_delta)
-        np.dot(self.buf, delta, out=self.moments)  # [θᵀΣ_cθ, E h_c]
+        dot(self.buf, delta, out=self.moments)  # [θᵀΣ_cθ, E h_c]
         if self.clamp:
-            np.maximum(self.var, 0.0, out=self.var)
-        np.sqrt(self.var, out=self.var)
-        sds = self.var.tolist()  # (a Python max of C floats is cheaper than ndarray.max)
+            np.maximum(var, 0.0, out=var)
+        np.sqrt(var, out=var)
+        sds = var.tolist()  # (a Python max of C floats is cheaper than ndarray.max)
+        top = max(sds)
         if not math.isfinite(sum(sds)):
-            return None
-        level = flow._level(max(sds))
+            return False
+        scale = flow.scale
+        spread = scale * top
+        level = 0 if spread <= flow.panel_width else flow._level(top)
         if level > _GRADED_LEVEL:
-            return None
-        factor, weights, shift = self._weights(flow, level, flow.scale)
-        _, values, curvature, q, q_torch, one, ones = self._nodes(flow, level)
+            return False
+        last = self.last
+        if last is None or last[0] != level or last[1] != scale or last[2] != lr:
+            last = self.last = (level, scale, lr, *self._constants(flow, level, scale, lr))
+        _, _, _, factor, weights, rows, squares, q, q_torch, mixing, shift = last
         # np.dot, not @ (np.matmul): ~0.6 µs less dispatch each at these sizes
-        np.dot(self.columns, factor, out=q)  # z = −b (E h + sd·y)
+        dot(self.columns, factor, out=q)  # z = −b (E h + sd·y)
         q_torch.sigmoid_()  # q = σ(−b h), in place
-        np.subtract(one, q, out=curvature)
-        np.multiply(curvature, q, out=curvature)  # q (1 − q)
-        np.multiply(values, weights, out=values)
-        np.dot(values, ones, out=self.coef)  # [−G π_c E[w ℓ''], −G π_c E[ℓ'] (less the offset)]
+        np.square(q, out=squares)
+        dot(rows, weights, out=self.pairs)  # (2C, 2): [Σ p v, Σ p w v] for v in [q²; q]
+        dot(self.sums, mixing, out=self.coef)
         if shift is not None:
-            self.coef[self.comps:] += shift
-        return self.coef.dot(self.buf)
+            self.coef += shift
+        return True
+
+    def __call__(self, flow: PopulationFlow, delta: np.ndarray) -> np.ndarray | None:
+        """The drift at ``delta`` ``(d,)``, or ``None`` where the generic path must
+        take over (see :meth:`coefficients`)."""
+        return self.coef.dot(self.buf) if self.coefficients(flow, delta, 1.0) else None
+
+    def descend(self, flow: PopulationFlow, start: np.ndarray, lr: float, steps: int,
+                record: np.ndarray) -> np.ndarray:
+        """Gradient descent ``θ ← θ + lr·F(θ)`` from ``start`` ``(d,)`` for ``steps``
+        steps, returning ``θ`` at the steps in ``record`` (sorted) ``(E, d)``. The
+        step ``lr`` is folded into the coefficients, so an update is one more product
+        and one addition; a step the fast path cannot take goes through
+        :meth:`PopulationFlow.drift_np`'s generic path."""
+        theta = np.array(start, dtype=np.float64)
+        out = np.empty((len(record), theta.size))
+        update = np.empty_like(theta)
+        marks = iter(record.tolist())
+        mark, kept = next(marks), 0
+        for k in range(steps + 1):
+            if k == mark:
+                out[kept] = theta
+                kept += 1
+                mark = next(marks, -1)
+            if k == steps:
+                break
+            if self.coefficients(flow, theta, lr):
+                np.dot(self.coef, self.buf, out=update)
+            else:
+                np.multiply(flow._drift_np_generic(theta), lr, out=update)
+            np.add(theta, update, out=theta)
+        return out
 
 
 @dataclass
@@ -520,6 +573,11 @@ class PopulationFlow:
             out = fast(self, delta)
             if out is not None:
                 return out
+        return self._drift_np_generic(delta)
+
+    def _drift_np_generic(self, delta: np.ndarray) -> np.ndarray:
+        """:meth:`drift_np` by the objective's derivatives at the rule's nodes (or its
+        closed-form moments), for any scale-mixture objective and spread."""
         a = self._np
         cov_delta = a["cov"] @ delta if a["diag"] is None else a["diag"] * delta  # (C, d): Σ_c θ
         sd = np.sqrt(np.maximum(cov_delta @ delta, 0.0))  # (C,)
@@ -1032,6 +1090,10 @@ def population_descent(
         if not sol.success:
             raise RuntimeError(f"population flow ODE failed: {sol.message}")
         deltas = sol.y.T.copy()
+    elif (step == trainer.drift_np and updates == 1 and hyper.get("kl_target", 0.0) == 0
+          and trainer._logistic() is not None):
+        # the logistic family's descent on buffers allocated once (_LogisticDrift.descend)
+        deltas = trainer._logistic().descend(trainer, start.reshape(-1), lr, steps, record)
     else:
         kept, wanted, coefs = [], set(record.tolist()), []
         current = start.reshape(-1).copy()

@@ -23,9 +23,16 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import CLOSED_FORM, FINITE_DIFFERENCE, QMC, assert_close, mc_tolerance
+from conftest import (
+    CLOSED_FORM,
+    EXACT_CONSTRUCTION,
+    FINITE_DIFFERENCE,
+    QMC,
+    assert_close,
+    mc_tolerance,
+)
 from dynamics import population_descent, reference_weights, simulate, simulate_sample
-from dynamics.analytic import PopulationFlow
+from dynamics.analytic import _GRADED_LEVEL, PopulationFlow, _logistic_offset
 from dynamics.metrics import RL_METRICS
 from dynamics.model import NO, YES
 from dynamics.objectives import OBJECTIVES
@@ -376,3 +383,60 @@ def test_flow_agrees_with_simulation(name, family):
                          err_msg=f"{name} {metric}")
         ratio = small[metric][1:].std(1, ddof=1) / large[metric][1:].std(1, ddof=1)
         assert np.all((ratio > 2.0) & (ratio < 8.0)), (name, metric, ratio)
+
+
+# ============================================================================ the flow's fast path
+
+FAST_DESCENT = [n for n in NAMES if OBJECTIVES[n].view == "difference"
+                and _logistic_offset(OBJECTIVES[n], hyper(n)) is not None]
+"""Objectives whose population descent runs on :class:`dynamics.analytic._LogisticDrift`'s
+buffers (recognised by their derivatives, not their names)."""
+
+
+def test_the_logistic_family_takes_the_fast_descent():
+    assert {"dpo", "cdpo", "robust_dpo"} <= set(FAST_DESCENT)
+
+
+def _fast_against_generic(name: str, delta0, lr: float, beta: float = 60.0) -> set:
+    """``population_descent``'s fast loop (coefficients folded with ``lr``, rows
+    ``[q²; q]``) against ``θ ← θ + lr·F(θ)`` with ``F`` the generic drift (the
+    objective's own derivatives at the rule's nodes), 40 steps; the rule levels the
+    run visited."""
+    cov = np.array([[0.3, 0.05], [0.05, 0.2]])
+    problem = Problem((Behavior("a", [1.5, -0.2], [-1.0, 0.5], cov, 0.5 * cov,
+                                pos_fraction=0.4),))
+    mix = population_mixture(problem)
+    w0 = np.array([[0.3, -0.1], [0.0, 0.2]])
+    steps = 40
+    flow = PopulationFlow(mix, beta=beta, reference=w0, objective=spec(name))
+    delta0 = np.asarray(delta0, dtype=np.float64)
+    got = population_descent(mix, beta=beta, lr=lr, steps=steps, reference=w0,
+                             objective=spec(name), delta0=delta0, eval_every=3)
+    theta, want, kept = delta0.copy(), [], set(got.steps.tolist())
+    levels = set()
+    for k in range(steps + 1):
+        levels.add(flow._level(float(np.sqrt(max(theta @ c @ theta for c in mix.covs)))))
+        if k in kept:
+            want.append(theta.copy())
+        theta = theta + lr * flow._drift_np_generic(theta)
+    assert_close(got.deltas, np.array(want), EXACT_CONSTRUCTION, scale=1 + np.abs(want).max())
+    return levels
+
+
+@pytest.mark.parametrize("name", FAST_DESCENT)
+def test_fast_descent_equals_a_loop_of_the_generic_drift(name):
+    """From ``Δ = 0``, and from a start whose logit spread (~200) needs graded rules:
+    the fast path hands those steps to the generic one."""
+    _fast_against_generic(name, [0.0, 0.0], 1e-3)
+    scale = PopulationFlow(population_mixture(Problem((Behavior(
+        "a", [1.0, 0.0], [-1.0, 0.0], np.eye(2), np.eye(2)),))), beta=60.0,
+        reference=np.zeros((2, 2)), objective=spec(name)).scale
+    assert max(_fast_against_generic(name, np.array([4.0, -3.0]) * 60 / scale, 5e-4)) > (
+        _GRADED_LEVEL)
+
+
+def test_fast_descent_hands_over_between_rule_levels():
+    """Robust DPO from ``Δ = 0`` at β = 60 climbs from level 0 into graded rules in one
+    run: the fast and the generic steps alternate within it and agree."""
+    levels = _fast_against_generic("robust_dpo", [0.0, 0.0], 1e-3)
+    assert {0, 1, 2, 3, _GRADED_LEVEL, _GRADED_LEVEL + 1} <= levels
