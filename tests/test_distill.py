@@ -41,7 +41,9 @@ def test_a_zero_offset_changes_nothing():
                    objective="distill", prompt_offset=np.zeros(3), dtype=torch.float64,
                    keep_deltas=True)
     assert float(sim.deltas.abs().max()) == 0.0
-    assert np.all(sim.per_behavior["loss"] == 0.0)
+    # the loss is zero up to rounding: the teacher's logits and the evaluator's come from
+    # matrix products of different shapes, whose kernels may sum in different orders
+    assert np.abs(sim.per_behavior["loss"]).max() <= 1e-15
 
 
 def test_a_constant_feature_lets_the_student_absorb_the_prompt():
