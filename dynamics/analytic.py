@@ -423,40 +423,76 @@ class PopulationFlow:
         # matrix product only adds exact zeros)
         covs = self._np["cov"]
         diagonal = np.einsum("cii->ci", covs)
-        self._np["diag"] = (diagonal if np.array_equal(covs, diagonal[:, :, None]
-                                                        * np.eye(covs.shape[1])) else None)
+        # diagonal exactly when no entry off the diagonal is nonzero
+        self._np["diag"] = (diagonal if np.count_nonzero(covs) == np.count_nonzero(diagonal)
+                            else None)
+        self._diag = None if self._np["diag"] is None else torch.from_numpy(
+            np.ascontiguousarray(self._np["diag"]))  # (C, d)
 
         # QMC points and the reference policy at each point: log π0(Yes), log π0(No)
         # and log π0(any other token), for the rewards' log-partition shift.
         vocab = self.w0.shape[0]
+        self.root = self.explain = None  # the exact family's: _exact_basis, on first use
         if self.exact:
-            # Scale mixtures: only the joint law of (W0 g, Δᵀg) matters, which
-            # given the scale w is Gaussian. With R_c R_cᵀ = W0 Σ_c W0ᵀ, draw
-            # W0 g = W0 μ_c + √w R_c u and, at each Δ, Δᵀg = Δᵀμ_c + √w (bᵀu + c e)
-            # with b = R_c⁺ W0 Σ_c Δ and c² = ΔᵀΣ_cΔ − ‖b‖² (the conditional
-            # law): V + 2 Sobol dimensions, whatever d is.
             dims = vocab + 1
-            cross = self.w0 @ self.cov  # (C, V, d): W0 Σ_c
-            vals, vecs = torch.linalg.eigh(cross @ self.w0.T)  # W0 Σ_c W0ᵀ
-            roots = vals.clamp_min(0).sqrt()
-            self.root = vecs * roots[:, None, :]  # (C, V, V)
-            inverse = torch.where(roots > 1e-12 * roots.amax(-1, keepdim=True).clamp_min(1e-300),
-                                  1 / roots.clamp_min(1e-300), torch.zeros_like(roots))
-            self.explain = (vecs * inverse[:, None, :]).transpose(1, 2) @ cross  # R⁺ W0 Σ_c
         else:
             dims = mixture.dim  # uniform: points g = μ_c + L_c z in full dimension
             vals, vecs = torch.linalg.eigh(self.cov)
             self.root = vecs * vals.clamp_min(0).sqrt()[:, None, :]  # (C, d, d): L Lᵀ = Σ
         self.z = _standard_points(self.family.name, dims, qmc_points, qmc_seed)  # (M, dims)
-        # W0 g_cm = W0 μ_c + (root_c z_m)[:V] (exact) or W0 L_c z_m (uniform)
-        mixing = self.root if self.exact else self.w0 @ self.root  # (C, V, ·)
-        logits0 = (self.mu @ self.w0.T)[:, None, :] + self.z[:, :mixing.shape[-1]] @ (
-            mixing.transpose(1, 2))  # (C, M, V)
-        log_pi0 = torch.log_softmax(logits0, dim=-1)  # (C, M, V): the reference policy
-        self.log_yes, self.log_no = log_pi0[..., YES], log_pi0[..., NO]  # (C, M)
-        others = torch.ones(self.w0.shape[0], dtype=torch.bool)
-        others[[YES, NO]] = False
-        self.log_rest = torch.logsumexp(log_pi0[..., others], dim=-1) if others.any() else None
+        self._reference_points = None  # (_reference_logps, on first use)
+        # Two answers, a scale mixture and each component's own label: the policy's
+        # log-partition and KL are one-dimensional expectations (_two_answer_terms)
+        # and need no QMC points
+        self.two_answers = self.exact and vocab == 2 and self.principles is None
+        self._reference_softplus = None  # E_c[softplus(u0ᵀg)] (C,), on first use
+
+    def _exact_basis(self) -> None:
+        """The exact family's QMC basis, on first use: only the joint law of
+        ``(W0 g, Δᵀg)`` matters, which given the scale ``w`` is Gaussian. With
+        ``R_c R_cᵀ = W0 Σ_c W0ᵀ``, draw ``W0 g = W0 μ_c + √w R_c u`` and, at each ``Δ``,
+        ``Δᵀg = Δᵀμ_c + √w (bᵀu + c e)`` with ``b = R_c⁺ W0 Σ_c Δ`` and
+        ``c² = ΔᵀΣ_cΔ − ‖b‖²`` (the conditional law): ``V + 2`` Sobol dimensions,
+        whatever ``d`` is. Sets :attr:`root` ``(C, V, V)`` and :attr:`explain`
+        ``(C, V, d)`` = ``R⁺ W0 Σ_c``."""
+        if self.root is not None:
+            return
+        cross = self.w0 @ self.cov  # (C, V, d): W0 Σ_c
+        vals, vecs = torch.linalg.eigh(cross @ self.w0.T)  # W0 Σ_c W0ᵀ
+        roots = vals.clamp_min(0).sqrt()
+        inverse = torch.where(roots > 1e-12 * roots.amax(-1, keepdim=True).clamp_min(1e-300),
+                              1 / roots.clamp_min(1e-300), torch.zeros_like(roots))
+        self.explain = (vecs * inverse[:, None, :]).transpose(1, 2) @ cross
+        self.root = vecs * roots[:, None, :]
+
+    def _var(self, v: torch.Tensor) -> torch.Tensor:
+        """``vᵀ Σ_c v`` ``(E, C)`` for vectors ``v`` ``(E, d)`` (an elementwise product
+        for diagonal covariances)."""
+        return (v * v) @ self._diag.T if self._diag is not None else _quadratic(self.cov, v)
+
+    def _cross(self, v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """``vᵀ Σ_c w`` ``(E, C)`` for vectors ``v``, ``w`` ``(E, d)``."""
+        if self._diag is not None:
+            return (v * w) @ self._diag.T
+        return torch.einsum("ecd,ed->ec", torch.einsum("cij,ej->eci", self.cov, w), v)
+
+    def _reference_logps(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The reference policy at every QMC point: ``log π0(Yes)``, ``log π0(No)`` and
+        ``log π0(any other token)`` (``None`` for two answers), each ``(C, M)``; for the
+        rewards' log-partition shift, computed on first use."""
+        if self._reference_points is None:
+            if self.exact:
+                self._exact_basis()
+            # W0 g_cm = W0 μ_c + (root_c z_m)[:V] (exact) or W0 L_c z_m (uniform)
+            mixing = self.root if self.exact else self.w0 @ self.root  # (C, V, ·)
+            logits0 = (self.mu @ self.w0.T)[:, None, :] + self.z[:, :mixing.shape[-1]] @ (
+                mixing.transpose(1, 2))  # (C, M, V)
+            log_pi0 = torch.log_softmax(logits0, dim=-1)  # (C, M, V): the reference policy
+            others = torch.ones(self.w0.shape[0], dtype=torch.bool)
+            others[[YES, NO]] = False
+            rest = torch.logsumexp(log_pi0[..., others], dim=-1) if others.any() else None
+            self._reference_points = (log_pi0[..., YES], log_pi0[..., NO], rest)
+        return self._reference_points
 
     # ---------------------------------------------------------------- projections
     def _project(self, v: torch.Tensor) -> torch.Tensor:
@@ -503,9 +539,12 @@ class PopulationFlow:
         return (self._rule_at(level) if level <= _GRADED_LEVEL
                 else self._graded(mean, sd, scale))
 
-    def _rule(self, sd: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def _rule(self, sd: torch.Tensor, scale: float | None = None) -> tuple[torch.Tensor, ...]:
         """The same rule as torch tensors, for margin standard deviations ``sd``."""
-        level = self._level(float(sd.max()) if sd.numel() else 0.0)
+        return self._rule_torch(self._level(float(sd.max()) if sd.numel() else 0.0, scale))
+
+    def _rule_torch(self, level: int) -> tuple[torch.Tensor, ...]:
+        """:meth:`_rule_at` as torch tensors."""
         if level not in self._rules:
             self._rules[level] = tuple(torch.as_tensor(a) for a in self._rule_at(level))
         return self._rules[level]
@@ -828,8 +867,9 @@ class PopulationFlow:
         offset = (v @ self.mu.T).reshape(-1, 1)  # (E·C, 1): vᵀμ_c
         if self.exact:
             # vᵀg = vᵀμ_c + [b, c]ᵀ z[:, :V+1] with b = R_c⁺ W0 Σ_c v, c² = vᵀΣ_c v − ‖b‖²
+            self._exact_basis()
             b = torch.einsum("cvd,ed->ecv", self.explain, v)  # (E, C, V)
-            c = (_quadratic(self.cov, v) - (b * b).sum(-1)).clamp_min(0).sqrt()
+            c = (self._var(v) - (b * b).sum(-1)).clamp_min(0).sqrt()
             loads = torch.cat([b, c[..., None]], -1)  # (E, C, V+1)
             basis = self.z[:, :loads.shape[-1]]
         else:
@@ -844,7 +884,7 @@ class PopulationFlow:
         ``thetas`` ``(E, *shape)``, in chunks of about ``chunk_elements`` QMC values."""
         thetas = torch.as_tensor(np.asarray(thetas, dtype=np.float64)).reshape(
             (-1,) + self.shape)
-        size = max(1, chunk_elements // max(1, self.log_yes.numel()))
+        size = max(1, chunk_elements // max(1, self.mu.shape[0] * self.qmc_points))
         parts = [self._metrics_chunk(thetas[i:i + size]) for i in range(0, len(thetas), size)]
         if not parts:
             return ({name: torch.zeros(0, len(self.pi_k), dtype=torch.float64)
@@ -876,6 +916,45 @@ class PopulationFlow:
         weights = self.members * self.pi[:, None] / self.pi_k  # (C, K): within-behavior shares
         return {name: value @ weights for name, value in per_c.items()}, change
 
+    def _expect(self, values, mean: torch.Tensor, sds: torch.Tensor,
+                scale: float | None = None) -> torch.Tensor:
+        """``E[f(h)]`` ``(F, E, C)`` for margins ``h = mean + sd·Y`` ``(E, C)`` on the
+        family's projection rule, where ``values(points, y)`` gives the ``F`` integrands
+        ``(F, …, J)`` at the points ``(…, J)`` (``y`` the rule's nodes, broadcast
+        alike); ``scale`` (default the objective's) turns a margin into logits, which
+        sets the rule's resolution. A wide spread takes a graded rule per row; the
+        uniform rules' points are formed a few rows at a time, so memory stays under
+        :data:`_POINTS_PER_CHUNK` values whatever the spread."""
+        out = None
+        spread = (self.scale if scale is None else scale) * sds.amax(1).numpy()
+        if np.isfinite(spread).all():  # _level for every row at once
+            levels = np.where(spread <= self.panel_width, 0, np.ceil(np.log2(
+                np.maximum(spread, self.panel_width) / self.panel_width))).astype(int)
+        else:  # (where _level raises its error)
+            levels = np.array([self._level(float(sd), scale) for sd in sds.amax(1)])
+        if len(levels) and levels.max() <= _GRADED_LEVEL and levels.min() == levels.max():
+            y, p, _ = self._rule_torch(int(levels[0]))
+            if mean.numel() * len(y) <= _POINTS_PER_CHUNK:  # one rule, one chunk: no indexing
+                return values(torch.addcmul(mean[..., None], sds[..., None], y), y) @ p
+        for e in np.flatnonzero(levels > _GRADED_LEVEL):  # one graded rule per row
+            y, p, _ = (torch.from_numpy(a) for a in self._graded(mean[e].numpy(),
+                                                                  sds[e].numpy(), scale))
+            got = values(mean[e, :, None] + sds[e, :, None] * y, y)
+            if out is None:
+                out = torch.empty((len(got),) + tuple(mean.shape), dtype=torch.float64)
+            out[:, e] = (got * p).sum(-1)
+        for level in np.unique(levels[levels <= _GRADED_LEVEL]):  # one shared rule
+            which = np.flatnonzero(levels == level)
+            y, p, _ = self._rule(sds[torch.from_numpy(which)], scale)
+            size = max(1, _POINTS_PER_CHUNK // (mean.shape[1] * len(y)))
+            for start in range(0, len(which), size):
+                idx = torch.from_numpy(which[start:start + size])
+                got = values(torch.addcmul(mean[idx, :, None], sds[idx, :, None], y), y)
+                if out is None:
+                    out = torch.empty((len(got),) + tuple(mean.shape), dtype=torch.float64)
+                out[:, idx] = got @ p
+        return out
+
     def _expected_loss(self, rows: torch.Tensor) -> torch.Tensor:
         """``Σ_r E_c[ℓ(h_r)]`` ``(E, C)`` for signed rows ``θ̃`` ``(E, R, d)``."""
         obj, total = self.objective, 0
@@ -886,29 +965,15 @@ class PopulationFlow:
                                          self.beta, **self.hyper).mean(-1)
                 continue
             mean = self.s * (v @ self.mu.T)  # (E, C): E[h] per component
-            sds = _quadratic(self.cov, v).clamp_min(0).sqrt()  # (E, C)
+            sds = self._var(v).clamp_min(0).sqrt()  # (E, C)
             if obj.moments is not None:
                 loss = torch.as_tensor(obj.moments(mean.numpy(), sds.numpy(), self.beta,
                                                    self.family, **self.hyper)[0])
+            elif len(v) == 0:
+                loss = torch.zeros_like(mean)
             else:
-                loss = torch.empty_like(mean)
-                levels = np.array([self._level(float(sd)) for sd in sds.amax(1)])
-                for e in np.flatnonzero(levels > _GRADED_LEVEL):  # one graded rule per row
-                    y, p, _ = self._graded(mean[e].numpy(), sds[e].numpy())
-                    points = mean[e, :, None].numpy() + sds[e, :, None].numpy() * y
-                    loss[e] = torch.from_numpy(_against(
-                        np.asarray(obj.loss(points, self.beta, **self.hyper)), p))
-                for level in np.unique(levels[levels <= _GRADED_LEVEL]):  # one shared rule
-                    which = np.flatnonzero(levels == level)
-                    y, p, _ = self._rule(sds[torch.from_numpy(which)])
-                    # a large β·sd refines the rule (J ~ 160·spread/panel_width nodes), so
-                    # the (rows, C, J) points are formed a few rows at a time: memory stays
-                    # under _POINTS_PER_CHUNK values whatever β is
-                    size = max(1, _POINTS_PER_CHUNK // (mean.shape[1] * len(y)))
-                    for start in range(0, len(which), size):
-                        idx = torch.from_numpy(which[start:start + size])
-                        points = torch.addcmul(mean[idx, :, None], sds[idx, :, None], y)
-                        loss[idx] = obj.loss(points, self.beta, **self.hyper) @ p
+                loss = self._expect(lambda h, _: obj.loss(h, self.beta, **self.hyper)[None],
+                                    mean, sds)[0]
             total = total + loss
         return total
 
@@ -917,7 +982,7 @@ class PopulationFlow:
         (ties half): the family's CDF, or QMC for a family that has none. ``truth``:
         against the true class where a judge's labels are the observed ones."""
         if self.exact:
-            return self._positive(self.s * (v @ self.mu.T), _quadratic(self.cov, v))
+            return self._positive(self.s * (v @ self.mu.T), self._var(v))
         signs = self.s[:, None] if truth else self.point_signs()
         return tie_half(signs * self._project_many(v)).mean(-1)
 
@@ -934,24 +999,71 @@ class PopulationFlow:
         per_c["loss"] = self._expected_loss(deltas[:, None])
         self._accuracy(per_c, self.u0 + deltas)
         per_c["reward_accuracy"] = self._positive_of(deltas)
-        # log Z − log Z0 = log(π0(Yes) e^{Δᵀg/2} + π0(No) e^{−Δᵀg/2} + π0(rest)) at the QMC
-        # points; the rewards are β(±E[h]/2 − E[shift]), E[h] in closed form.
-        proj = self._project_many(deltas)  # (E, C, M): Δᵀg
-        mean = (self.s * (deltas @ self.mu.T) if self.principles is None
-                else (self.point_signs() * proj).mean(-1))  # (E, C): E[h] per component
-        yes = torch.add(self.log_yes, proj, alpha=0.5)
-        no = torch.add(self.log_no, proj, alpha=-0.5)
-        shift = torch.logaddexp(yes, no)
-        if self.log_rest is not None:
-            torch.logaddexp(shift, self.log_rest, out=shift)
-        mean_shift = shift.mean(-1)
-        # KL(π ‖ π0) = (π(Yes) − π(No))·Δᵀg/2 − shift at each point
-        per_c["objective/kl"] = ((torch.exp(yes - shift) - torch.exp(no - shift)) * proj / 2
-                                 - shift).mean(-1)
+        # the rewards are β(±E[h]/2 − E[shift]) with the log-partition shift
+        # log Z − log Z0 = log(π0(Yes) e^{Δᵀg/2} + π0(No) e^{−Δᵀg/2} + π0(rest)), E[h] in
+        # closed form
+        if self.two_answers:
+            mean = self.s * (deltas @ self.mu.T)  # (E, C): E[h] per component
+            mean_shift, per_c["objective/kl"] = self._two_answer_terms(deltas)
+        else:  # at the QMC points
+            proj = self._project_many(deltas)  # (E, C, M): Δᵀg
+            mean = (self.s * (deltas @ self.mu.T) if self.principles is None
+                    else (self.point_signs() * proj).mean(-1))
+            log_yes, log_no, log_rest = self._reference_logps()
+            yes = torch.add(log_yes, proj, alpha=0.5)
+            no = torch.add(log_no, proj, alpha=-0.5)
+            shift = torch.logaddexp(yes, no)
+            if log_rest is not None:
+                torch.logaddexp(shift, log_rest, out=shift)
+            mean_shift = shift.mean(-1)
+            # KL(π ‖ π0) = (π(Yes) − π(No))·Δᵀg/2 − shift at each point
+            per_c["objective/kl"] = ((torch.exp(yes - shift) - torch.exp(no - shift)) * proj
+                                     / 2 - shift).mean(-1)
         per_c["rewards/chosen"] = beta * (mean / 2 - mean_shift)
         per_c["rewards/rejected"] = beta * (-mean / 2 - mean_shift)
         per_c["rewards/margins"] = beta * mean
         return per_c
+
+    def _logistic_moments(self, v: torch.Tensor) -> torch.Tensor:
+        """``E[softplus(u)]``, ``E[σ(u)]`` and ``E[Y σ(u)]`` ``(3, E, C)`` for the logit
+        gaps ``u = vᵀg = m + sd·Y`` of vectors ``v`` ``(E, d)``, on the projection rule
+        at logit scale 1."""
+        mean, sds = v @ self.mu.T, self._var(v).clamp_min(0).sqrt()
+
+        def values(u, y):
+            sigma = torch.sigmoid(u)
+            # softplus within e^-40 of u past 40: below an ulp of u
+            return torch.stack([torch.nn.functional.softplus(u, threshold=40.0), sigma,
+                                y * sigma])
+
+        return self._expect(values, mean, sds, scale=1.0)
+
+    def _two_answer_terms(self, deltas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mean log-partition shift and ``KL(π ‖ π0)`` ``(E, C)`` of two answers on a
+        scale mixture, as one-dimensional expectations of the policy's logit gap.
+
+        With ``a = u0ᵀg`` (the reference's gap), ``x = Δᵀg`` and ``u = a + x``:
+        ``log Z − log Z0 = softplus(u) − softplus(a) − x/2`` and
+        ``KL = σ(u)·x − softplus(u) + softplus(a)``. Given the scale ``w``, ``(x, u)``
+        is Gaussian with covariance ``w·[ΔᵀΣΔ, ΔᵀΣu; ·, uᵀΣu]``, so
+        ``E[x | u] = E[x] + (ΔᵀΣu / uᵀΣu)(u − E[u])`` whatever ``w`` is, and
+        ``E[σ(u) x] = E[x] E[σ(u)] + (ΔᵀΣu / sd_u) E[Y σ(u)]`` with ``u = E[u] + sd_u Y``.
+        """
+        policy = self.u0 + deltas  # (E, d): the policy's Yes − No row
+        if self._reference_softplus is None:  # with the reference's row, in one evaluation
+            moments = self._logistic_moments(torch.cat([self.u0[None], policy]))
+            self._reference_softplus, moments = moments[0, 0], moments[:, 1:]
+        else:
+            moments = self._logistic_moments(policy)
+        soft, sigma, y_sigma = moments
+        moved = deltas @ self.mu.T  # (E, C): E[x]
+        cross = self._cross(deltas, policy)  # ΔᵀΣ_c u
+        sd_u = self._var(policy).clamp_min(0).sqrt()
+        # sd_u = 0 makes u constant and ΔᵀΣu = 0 (Cauchy–Schwarz): no regression term
+        slope = torch.where(sd_u > 0, cross / sd_u.clamp_min(1e-300), torch.zeros_like(sd_u))
+        sigma_x = moved * sigma + slope * y_sigma  # E[σ(u) x]
+        shift = soft - self._reference_softplus - moved / 2
+        return shift, sigma_x - soft + self._reference_softplus
 
     def _metrics_reward(self, thetas: torch.Tensor) -> dict[str, torch.Tensor]:
         """A reward head ``(E, R, d)``: R = 1 the difference ``ψ`` (rewards ``±h/2``),

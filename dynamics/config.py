@@ -210,7 +210,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "panel_width": Key(2.0, _num(gt=0, le=10), "quadrature panel width in logit units "
                            "(smaller = more nodes, more accurate)"),
         "qmc_points": Key(8192, _int(ge=256), "quasi-Monte Carlo points for "
-                          "rewards/chosen|rejected (and non-scale-mixture families)"),
+                          "rewards/chosen|rejected and objective/kl with more than two "
+                          "answers (and non-scale-mixture families)"),
         "bounds": Key(True, _bool, "add the bound columns (docs/theory.md Theorems 1-3) to "
                       "every row: population bounds on theory rows, the run's own sample on "
                       "simulation rows"),

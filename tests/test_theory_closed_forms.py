@@ -295,20 +295,22 @@ def test_drift_vanishes_at_the_well_specified_optimum(gap_and_cov, beta):
 # ------------------------------------------------------------------ metrics
 
 
+@pytest.mark.parametrize("vocab", [2, 5])
 @pytest.mark.parametrize("family", ["gaussian", "laplace", "uniform"])
-def test_population_metrics_many_equal_one_at_a_time(family):
+def test_population_metrics_many_equal_one_at_a_time(family, vocab):
     """The batched evaluation (chunks of a few Δ, rows of different quadrature
-    rules in one chunk) gives each Δ's metrics as evaluating it alone does."""
+    rules in one chunk) gives each Δ's metrics as evaluating it alone does (two answers
+    on a scale mixture: one-dimensional expectations; otherwise QMC points)."""
     problem = Problem((isotropic("a", 3, 2.0), isotropic("b", 3, 1.0, direction=[0, 1, 0])),
                       family=family)
     flow = PopulationFlow(population_mixture(problem), beta=1.5,
-                          reference=reference_weights(3, vocab_size=5, seed=3), qmc_points=512)
+                          reference=reference_weights(3, vocab_size=vocab, seed=3), qmc_points=512)
     scales = np.r_[0.0, np.geomspace(0.1, 30.0, 12)]  # spreads from 0 to ~45: several levels
     deltas = np.random.default_rng(1).standard_normal((len(scales), 3)) * scales[:, None]
     levels = {flow._level(float(np.sqrt(max(d @ c @ d for c in flow.mixture.covs))))
               for d in deltas}
     assert len(levels) >= 3
-    chunk = 3 * flow.log_yes.numel()  # three Δ a chunk
+    chunk = 3 * len(flow.mixture.weights) * flow.qmc_points  # three Δ a chunk
     many, changes = flow.metrics_many(torch.as_tensor(deltas), chunk_elements=chunk)
     for e, delta in enumerate(deltas):
         one, change = flow.metrics(torch.as_tensor(delta))
@@ -345,28 +347,82 @@ def test_population_metrics_match_quadrature(data, problem, beta):
     assert_close(metrics["accuracy"], per_behavior(mix, np.array(ranking_acc)), QUADRATURE)
 
 
+@pytest.mark.parametrize("vocab", [2, 4])
 @pytest.mark.parametrize("family", ["gaussian", "laplace", "uniform"])
-def test_reward_metrics_match_monte_carlo_for_isotropic_classes(family):
-    """``rewards/chosen`` needs the full log-partition: QMC in the flow vs brute force."""
+def test_reward_metrics_match_monte_carlo_for_isotropic_classes(family, vocab):
+    """``rewards/chosen`` and ``objective/kl`` need the full log-partition: the flow's
+    (one-dimensional expectations for two answers on a scale mixture, QMC otherwise)
+    vs brute force."""
     problem = Problem((isotropic("b", 3, 1.5, sigma=0.8, direction=[1, 0, 1]),
                        isotropic("c", 3, 1.0, sigma=0.5, direction=[0, 1, 0], center=[0, 0, 1])),
                       family=family, label_noise=0.1)
-    _check_metrics_by_monte_carlo(problem, np.array([0.6, -0.3, 0.4]), beta=0.8)
+    _check_metrics_by_monte_carlo(problem, np.array([0.6, -0.3, 0.4]), beta=0.8, vocab=vocab)
 
 
-def test_reward_metrics_match_monte_carlo_for_correlated_gaussian():
+@pytest.mark.parametrize("vocab", [2, 4])
+def test_reward_metrics_match_monte_carlo_for_correlated_gaussian(vocab):
     rng = np.random.default_rng(1)
     a = rng.standard_normal((3, 3))
     cov = a @ a.T + 0.1 * np.eye(3)
     problem = Problem((Behavior("b", [1.0, 0.5, 0.0], [-1.0, 0.0, 0.3], cov, cov),))
-    _check_metrics_by_monte_carlo(problem, np.array([0.7, -0.4, 0.9]), beta=1.0)
+    _check_metrics_by_monte_carlo(problem, np.array([0.7, -0.4, 0.9]), beta=1.0, vocab=vocab)
 
 
-def _check_metrics_by_monte_carlo(problem, delta, beta):
+def _two_answer_terms_by_grid(mix, u0, delta, nodes: int = 80):
+    """Per component: the mean log-partition shift ``softplus(a + x) − softplus(a) − x/2``
+    and ``KL = σ(a + x)·x − softplus(a + x) + softplus(a)`` of a two-answer policy, with
+    ``a = u0ᵀg`` and ``x = Δᵀg`` integrated jointly on a tensor Gauss–Hermite grid over
+    their bivariate Gaussian law (no regression identity, no projection rule)."""
+    z, w = np.polynomial.hermite_e.hermegauss(nodes)
+    w = w / w.sum()
+    grid = np.stack(np.meshgrid(z, z, indexing="ij")).reshape(2, -1)  # (2, nodes²)
+    weight = np.outer(w, w).ravel()
+    pair = np.stack([u0, delta])  # (2, d): rows a, x
+    shifts, kls = [], []
+    for mu, cov in zip(mix.means, mix.covs):
+        joint = pair @ cov @ pair.T
+        vals, vecs = np.linalg.eigh(joint)
+        a, x = (pair @ mu)[:, None] + (vecs * np.sqrt(np.clip(vals, 0, None))) @ grid
+        u = a + x
+        shifts.append(weight @ (softplus(u) - softplus(a) - x / 2))
+        kls.append(weight @ (sigmoid(u) * x - softplus(u) + softplus(a)))
+    return np.array(shifts), np.array(kls)
+
+
+@pytest.mark.parametrize("moved", ["general", "back_to_zero_gap"])
+def test_two_answer_kl_and_rewards_match_a_two_dimensional_grid(moved):
+    """Two answers on a Gaussian: ``objective/kl`` and the rewards from the flow's
+    one-dimensional expectations against a 2-D Gauss–Hermite grid over the joint law of
+    the reference's and the change's logit gaps; and the policy whose gap is zero
+    everywhere (``Δ = −u0``: ``sd_u = 0``)."""
+    rng = np.random.default_rng(4)
+    a = rng.standard_normal((3, 3))
+    cov = a @ a.T / 3 + 0.2 * np.eye(3)
+    problem = Problem((Behavior("b", [1.0, 0.5, 0.0], [-1.0, 0.0, 0.3], cov, 0.5 * cov),
+                       isotropic("c", 3, 1.0, sigma=0.6, direction=[0, 1, 1])))
+    mix = population_mixture(problem)
+    beta = 0.7
+    w0 = reference_weights(3, vocab_size=2, seed=5)
+    u0 = w0[0] - w0[1]
+    delta = np.array([0.8, -0.5, 0.3]) if moved == "general" else -u0
+    flow = PopulationFlow(mix, beta=beta, reference=w0)
+    assert flow.two_answers
+    metrics, _ = flow.metrics(torch.as_tensor(delta))
+    shift, kl = _two_answer_terms_by_grid(mix, u0, delta)
+    margin = mix.signs * (mix.means @ delta)  # E[h] per component
+    assert_close(metrics["objective/kl"], per_behavior(mix, kl), QUADRATURE)
+    assert_close(metrics["rewards/chosen"], per_behavior(mix, beta * (margin / 2 - shift)),
+                 QUADRATURE)
+    assert_close(metrics["rewards/rejected"], per_behavior(mix, beta * (-margin / 2 - shift)),
+                 QUADRATURE)
+    assert float(metrics["objective/kl"].min()) > 0
+
+
+def _check_metrics_by_monte_carlo(problem, delta, beta, vocab=4):
     """Flow metrics at ``Δ`` vs the mean over 200k draws (per-sample values computed
     naively from log-probabilities, and checked against the simulation's step 0)."""
     n = 200_000
-    w0 = w0_for(problem.dim, seed=1)
+    w0 = reference_weights(problem.dim, vocab_size=vocab, scale=1.0, seed=1)
     data = sample_batch(problem, n, [9], dtype=torch.float64)
     sim = simulate_sample(data, seeds=[9], beta=beta, lr=1.0, steps=1, delta0=delta,
                           reference=w0)
@@ -384,6 +440,9 @@ def _check_metrics_by_monte_carlo(problem, delta, beta):
         "reward_accuracy": (h > 0).double(),
         "accuracy": (chosen > rejected).double(),
     }
+    logp = torch.log_softmax(x @ w.T, dim=-1)  # (n, V): KL(π ‖ π0) over the whole vocabulary
+    per_sample["objective/kl"] = (logp.exp() * (logp - torch.log_softmax(
+        x @ torch.as_tensor(w0).T, dim=-1))).sum(-1)
     for name, values in per_sample.items():
         for i in range(len(problem.behaviors)):
             rows = data.behavior == i
