@@ -59,6 +59,7 @@ __all__ = ["PopulationFlow", "PopulationTrajectory", "population_descent",
 
 _SQRT2 = np.sqrt(2.0)
 _POINTS_PER_CHUNK = 2**22  # quadrature values formed at once by the metrics (32 MiB float64)
+_SHARED_RULE_POINTS = 2**13  # below this, the metrics put every row on the finest rule needed
 _GRADED_LEVEL = 4  # beyond a logit spread of 16·panel_width, graded rules (PopulationFlow._graded)
 _SATURATED = 40.0  # |logit| past which σ is within e^-40 of 0 or 1: no fine panels needed
 
@@ -161,9 +162,7 @@ class _LogisticDrift:
         a = flow._np
         comps, dim = a["s_mu"].shape
         self.comps, self.offset = comps, offset
-        # a contiguous copy of the diagonals (``_np["diag"]`` is a strided view into the
-        # (C, d, d) covariances, whose rows ``d + 1`` apart cost cache misses)
-        self.diag = None if a["diag"] is None else np.ascontiguousarray(a["diag"])
+        self.diag = a["diag"]  # contiguous (Mixture.diagonal_covs)
         self.cov = a["cov"]
         # a diagonal of non-negative variances gives θᵀΣθ ≥ 0 exactly: no clamp needed
         self.clamp = self.diag is None or bool((self.diag < 0).any())
@@ -360,7 +359,7 @@ class PopulationFlow:
         self.pi, self.s, self.mu, self.cov = (t(mixture.weights), t(mixture.signs),
                                               t(mixture.means), t(mixture.covs))
         self.members = t(np.eye(mixture.num_behaviors)[mixture.behavior])  # (C, K)
-        self.pi_k = self.members.T @ self.pi  # (K,)
+        self.pi_k = t(mixture.behavior_weights())  # (K,): Σ_{c ∈ k} π_c
         self.w0 = t(reference)
         self.u0 = self.w0[YES] - self.w0[NO]  # (d,)
         self.head = None if reward_head is None else t(check_finite_array(
@@ -421,13 +420,8 @@ class PopulationFlow:
         # Diagonal covariances (the builder's isotropic behaviors): Σ_c θ is an
         # elementwise product, O(C d) instead of O(C d²), with the same numbers (the
         # matrix product only adds exact zeros)
-        covs = self._np["cov"]
-        diagonal = np.einsum("cii->ci", covs)
-        # diagonal exactly when no entry off the diagonal is nonzero
-        self._np["diag"] = (diagonal if np.count_nonzero(covs) == np.count_nonzero(diagonal)
-                            else None)
-        self._diag = None if self._np["diag"] is None else torch.from_numpy(
-            np.ascontiguousarray(self._np["diag"]))  # (C, d)
+        self._np["diag"] = mixture.diagonal_covs  # (C, d) or None
+        self._diag = None if self._np["diag"] is None else torch.from_numpy(self._np["diag"])
 
         # QMC points and the reference policy at each point: log π0(Yes), log π0(No)
         # and log π0(any other token), for the rewards' log-partition shift.
@@ -932,10 +926,15 @@ class PopulationFlow:
                 np.maximum(spread, self.panel_width) / self.panel_width))).astype(int)
         else:  # (where _level raises its error)
             levels = np.array([self._level(float(sd), scale) for sd in sds.amax(1)])
-        if len(levels) and levels.max() <= _GRADED_LEVEL and levels.min() == levels.max():
-            y, p, _ = self._rule_torch(int(levels[0]))
-            if mean.numel() * len(y) <= _POINTS_PER_CHUNK:  # one rule, one chunk: no indexing
-                return values(torch.addcmul(mean[..., None], sds[..., None], y), y) @ p
+        if len(levels) and levels.max() <= _GRADED_LEVEL:
+            # every row on the finest rule any row needs, in one chunk, when that is small
+            # (a finer rule only shrinks a row's quadrature error, ~1e-13) or all rows
+            # share the rule: no per-level indexing
+            y, p, _ = self._rule_torch(int(levels.max()))
+            points = mean.numel() * len(y)
+            if points <= _SHARED_RULE_POINTS or (levels.min() == levels.max()
+                                                 and points <= _POINTS_PER_CHUNK):
+                return (values(torch.addcmul(mean[..., None], sds[..., None], y), y) * p).sum(-1)
         for e in np.flatnonzero(levels > _GRADED_LEVEL):  # one graded rule per row
             y, p, _ = (torch.from_numpy(a) for a in self._graded(mean[e].numpy(),
                                                                   sds[e].numpy(), scale))

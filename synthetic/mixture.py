@@ -19,6 +19,8 @@ Shapes: ``C`` components, ``d`` dimension, ``K`` behaviors.
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -66,6 +68,14 @@ class Mixture:
     @property
     def num_behaviors(self) -> int:
         return len(self.names)
+
+    @functools.cached_property
+    def diagonal_covs(self) -> np.ndarray | None:
+        """The covariances' diagonals ``(C, d)`` (contiguous) when every ``Σ_c`` is
+        diagonal, else ``None``; computed once per mixture (the flow's set-up asks)."""
+        diagonal = np.ascontiguousarray(np.einsum("cii->ci", self.covs), dtype=np.float64)
+        # diagonal exactly when no entry off the diagonal is nonzero
+        return diagonal if np.count_nonzero(self.covs) == np.count_nonzero(diagonal) else None
 
     def behavior_weights(self) -> np.ndarray:
         """``w_i = Σ_{c ∈ i} π_c``, shape ``(K,)``."""

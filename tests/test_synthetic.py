@@ -452,3 +452,20 @@ def test_fit_gaussian_recovers_the_population_in_the_limit():
     # each class has n/2 draws; entries of Σ̂ have sd ≤ √(Σ_ii Σ_jj + Σ_ij²) ≤ 2 max Σ_ii
     assert_close(fitted.mu_pos, MU, 1.0, scale=mc_tolerance(np.sqrt(np.diag(CORRELATED)), n // 2))
     assert_close(fitted.cov_pos, CORRELATED, 1.0, scale=mc_tolerance(2 * 2.0, n // 2))
+
+
+def test_diagonal_covs_detects_exactly_diagonal_covariances():
+    """``Mixture.diagonal_covs``: the diagonals when every ``Σ_c`` is diagonal (zeros on the
+    diagonal allowed), ``None`` as soon as one entry off the diagonal is nonzero."""
+    diagonal = Problem((isotropic("a", 3, 2.0, sigma=0.7),
+                        Behavior("b", [1, 0, 0], [0, 1, 0], np.diag([0.5, 0.0, 2.0]),
+                                 np.diag([1.0, 1.0, 1.0])),))
+    got = population_mixture(diagonal).diagonal_covs
+    want = np.stack([np.diag(c) for c in population_mixture(diagonal).covs])
+    assert got is not None and got.flags.c_contiguous
+    np.testing.assert_array_equal(got, want)
+    tilted = np.diag([0.0, 1.0, 1.0])
+    tilted[0, 1] = tilted[1, 0] = 1e-300  # off the diagonal, however small
+    correlated = Problem((isotropic("a", 3, 2.0),
+                          Behavior("b", [1, 0, 0], [0, 1, 0], tilted, np.eye(3)),))
+    assert population_mixture(correlated).diagonal_covs is None
