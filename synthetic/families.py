@@ -118,8 +118,9 @@ class Family:
             if hi > lo:
                 count = max(1, int(np.ceil((hi - lo) / width)))
                 band = np.linspace(lo, hi, count + 1)
+                # the band keeps 0 as an edge too (the kink), wherever its panels fall
                 edges = np.unique(np.r_[coarse_edges[(coarse_edges < lo) | (coarse_edges > hi)],
-                                        band])
+                                        band, 0.0])
             a, b = edges[:-1, None], edges[1:, None]
             rules.append((((b - a) / 2 * x + (b + a) / 2).ravel(), ((b - a) / 2 * w).ravel()))
         size = max(len(nodes) for nodes, _ in rules)
