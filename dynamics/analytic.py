@@ -878,7 +878,12 @@ class PopulationFlow:
         ``thetas`` ``(E, *shape)``, in chunks of about ``chunk_elements`` QMC values."""
         thetas = torch.as_tensor(np.asarray(thetas, dtype=np.float64)).reshape(
             (-1,) + self.shape)
-        size = max(1, chunk_elements // max(1, self.mu.shape[0] * self.qmc_points))
+        # QMC metrics hold (E, C, M) values a chunk; the two-answer path's quadrature
+        # bounds its own memory (_expect), so it takes every row at once
+        one_dim = (self.two_answers and self.objective.view == "difference"
+                   and self.objective.block == "policy")
+        size = max(1, len(thetas) if one_dim
+                   else chunk_elements // max(1, self.mu.shape[0] * self.qmc_points))
         parts = [self._metrics_chunk(thetas[i:i + size]) for i in range(0, len(thetas), size)]
         if not parts:
             return ({name: torch.zeros(0, len(self.pi_k), dtype=torch.float64)
