@@ -490,6 +490,7 @@ class _MarginEngine:
         self.shared = self.shared and batch_size is None
         self.batches = _BatchStream(seeds, n, batch_size, device) if batch_size else None
         self.fresh = False
+        self.update = torch.empty_like(self.param)  # a step's change before its scale
 
     def theta(self) -> torch.Tensor:
         """The objective's parameter ``θ`` ``(S, P, R, d)`` (row signs undone)."""
@@ -539,7 +540,10 @@ class _MarginEngine:
             xb = self.train_xs[torch.arange(self.xs.shape[0], device=idx.device)[:, None], idx]
             torch.bmm(self.param, xb.transpose(1, 2), out=self.margins)  # (S, P·R, B)
         self.fresh = False
-        self.param.baddbmm_(self.step_r(self.margins).mul_(self.coef), xb)  # margins consumed
+        # θ̃ += coef ⊙ (ℓ'-part @ x): the per-row scale after the product, on (S, P·R, d)
+        # values instead of the (S, P·R, B) margins (one pass over the margins fewer)
+        torch.bmm(self.step_r(self.margins), xb, out=self.update)  # margins consumed
+        self.param.addcmul_(self.update, self.coef)
 
 
 class _SoftmaxEngine:
