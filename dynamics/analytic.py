@@ -258,8 +258,7 @@ class _LogisticDrift:
         if not math.isfinite(sum(sds)):
             return False
         scale = flow.scale
-        spread = scale * top
-        level = 0 if spread <= flow.panel_width else flow._level(top)
+        level = flow._level(top)
         if level > _GRADED_LEVEL:
             return False
         last = self.last
@@ -502,6 +501,15 @@ class PopulationFlow:
         spread = (self.scale if scale is None else scale) * max_sd
         return 0 if spread <= self.panel_width else math.ceil(math.log2(spread / self.panel_width))
 
+    def _levels(self, max_sds: np.ndarray, scale: float | None = None) -> np.ndarray:
+        """:meth:`_level` of every entry of ``max_sds`` at once (one at a time where one
+        is not finite, so that :meth:`_level` raises its error)."""
+        spread = (self.scale if scale is None else scale) * max_sds
+        if not np.isfinite(spread).all():
+            return np.array([self._level(float(sd), scale) for sd in max_sds], dtype=int)
+        return np.where(spread <= self.panel_width, 0, np.ceil(np.log2(
+            np.maximum(spread, self.panel_width) / self.panel_width))).astype(int)
+
     def _rule_at(self, level: int) -> tuple[np.ndarray, ...]:
         """``(y, p, p·q)`` of the projection rule with panels of ``2^-level``."""
         if level not in self._rules_np:
@@ -532,10 +540,6 @@ class PopulationFlow:
         level = self._level(float(sd.max()) if sd.size else 0.0, scale)
         return (self._rule_at(level) if level <= _GRADED_LEVEL
                 else self._graded(mean, sd, scale))
-
-    def _rule(self, sd: torch.Tensor, scale: float | None = None) -> tuple[torch.Tensor, ...]:
-        """The same rule as torch tensors, for margin standard deviations ``sd``."""
-        return self._rule_torch(self._level(float(sd.max()) if sd.numel() else 0.0, scale))
 
     def _rule_torch(self, level: int) -> tuple[torch.Tensor, ...]:
         """:meth:`_rule_at` as torch tensors."""
@@ -925,12 +929,7 @@ class PopulationFlow:
         uniform rules' points are formed a few rows at a time, so memory stays under
         :data:`_POINTS_PER_CHUNK` values whatever the spread."""
         out = None
-        spread = (self.scale if scale is None else scale) * sds.amax(1).numpy()
-        if np.isfinite(spread).all():  # _level for every row at once
-            levels = np.where(spread <= self.panel_width, 0, np.ceil(np.log2(
-                np.maximum(spread, self.panel_width) / self.panel_width))).astype(int)
-        else:  # (where _level raises its error)
-            levels = np.array([self._level(float(sd), scale) for sd in sds.amax(1)])
+        levels = self._levels(sds.amax(1).numpy(), scale)
         if len(levels) and levels.max() <= _GRADED_LEVEL:
             # every row on the finest rule any row needs, in one chunk, when that is small
             # (a finer rule only shrinks a row's quadrature error, ~1e-13) or all rows
@@ -949,7 +948,7 @@ class PopulationFlow:
             out[:, e] = (got * p).sum(-1)
         for level in np.unique(levels[levels <= _GRADED_LEVEL]):  # one shared rule
             which = np.flatnonzero(levels == level)
-            y, p, _ = self._rule(sds[torch.from_numpy(which)], scale)
+            y, p, _ = self._rule_torch(int(level))
             size = max(1, _POINTS_PER_CHUNK // (mean.shape[1] * len(y)))
             for start in range(0, len(which), size):
                 idx = torch.from_numpy(which[start:start + size])
@@ -1028,11 +1027,9 @@ class PopulationFlow:
         per_c["rewards/margins"] = beta * mean
         return per_c
 
-    def _logistic_moments(self, v: torch.Tensor) -> torch.Tensor:
-        """``E[softplus(u)]``, ``E[σ(u)]`` and ``E[Y σ(u)]`` ``(3, E, C)`` for the logit
-        gaps ``u = vᵀg = m + sd·Y`` of vectors ``v`` ``(E, d)``, on the projection rule
-        at logit scale 1."""
-        mean, sds = v @ self.mu.T, self._var(v).clamp_min(0).sqrt()
+    def _logistic_moments(self, mean: torch.Tensor, sds: torch.Tensor) -> torch.Tensor:
+        """``E[softplus(u)]``, ``E[σ(u)]`` and ``E[Y σ(u)]`` ``(3, E, C)`` for logit gaps
+        ``u = mean + sd·Y`` ``(E, C)``, on the projection rule at logit scale 1."""
 
         def values(u, y):
             sigma = torch.sigmoid(u)
@@ -1054,15 +1051,15 @@ class PopulationFlow:
         ``E[σ(u) x] = E[x] E[σ(u)] + (ΔᵀΣu / sd_u) E[Y σ(u)]`` with ``u = E[u] + sd_u Y``.
         """
         policy = self.u0 + deltas  # (E, d): the policy's Yes − No row
-        if self._reference_softplus is None:  # with the reference's row, in one evaluation
-            moments = self._logistic_moments(torch.cat([self.u0[None], policy]))
-            self._reference_softplus, moments = moments[0, 0], moments[:, 1:]
-        else:
-            moments = self._logistic_moments(policy)
-        soft, sigma, y_sigma = moments
+        fresh = self._reference_softplus is None  # with the reference's row, in one evaluation
+        rows = torch.cat([self.u0[None], policy]) if fresh else policy
+        sd_u = self._var(rows).clamp_min(0).sqrt()  # (E, C)
+        soft, sigma, y_sigma = self._logistic_moments(rows @ self.mu.T, sd_u)
+        if fresh:
+            self._reference_softplus = soft[0]
+            soft, sigma, y_sigma, sd_u = soft[1:], sigma[1:], y_sigma[1:], sd_u[1:]
         moved = deltas @ self.mu.T  # (E, C): E[x]
         cross = self._cross(deltas, policy)  # ΔᵀΣ_c u
-        sd_u = self._var(policy).clamp_min(0).sqrt()
         # sd_u = 0 makes u constant and ΔᵀΣu = 0 (Cauchy–Schwarz): no regression term
         slope = torch.where(sd_u > 0, cross / sd_u.clamp_min(1e-300), torch.zeros_like(sd_u))
         sigma_x = moved * sigma + slope * y_sigma  # E[σ(u) x]
